@@ -1,0 +1,193 @@
+"""``python -m pipeline``: the command line. User errors print one line on stderr and exit 2."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+STAGE_NAMES = ("extract", "embed", "cluster", "maximize", "report")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Look inside an image model: per-layer activations, embeddings, neuron clusters, "
+                    "activation-maximization images and an offline HTML report.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="generate a dataset, train a small model, run every stage",
+                       description="Generate the embedded shapes dataset (with a planted colour shortcut), "
+                                   "train a small CNN on it (cached under data/demo), run every stage and "
+                                   "print where the results are. Offline, CPU, a few minutes on 2 cores.")
+    d.add_argument("--out", help="run directory (default data/runs/demo)")
+    d.add_argument("--force", action="store_true", help="rerun every stage")
+
+    r = sub.add_parser("run", help="run the pipeline from a config file or from flags",
+                       description="Run every stage that is missing or stale. Give a CONFIG.yaml, or "
+                                   "--model and --images/--npz for a run without a config file.")
+    r.add_argument("config", nargs="?", help="YAML config (see README for every key)")
+    r.add_argument("--model", help="model file (.keras, .h5) or SavedModel directory")
+    r.add_argument("--images", help="image folder (class sub-folders = labels)")
+    r.add_argument("--npz", help=".npz with x (N,H,W[,C]), optional y and class_names")
+    r.add_argument("--layers", nargs="+", help="layer names or glob patterns (default: conv + dense layers)")
+    r.add_argument("--out", help="run directory (default data/runs/<name>)")
+    r.add_argument("--name", help="run name (default: the model file name)")
+    r.add_argument("--limit", type=int, help="use at most this many images (seeded, class-stratified)")
+    r.add_argument("--seed", type=int, help="random seed (default 0)")
+    _stage_flags(r, with_selection=True)
+
+    for name in STAGE_NAMES:
+        s = sub.add_parser(name, help=f"run only the {name} stage",
+                           description=f"Run the {name} stage of a run (given by its config or run directory).")
+        s.add_argument("target", metavar="RUN_DIR_OR_CONFIG")
+        _stage_flags(s, with_selection=False)
+
+    st = sub.add_parser("status", help="which stages are done, stale or missing, and why",
+                        description="Print each stage's state for a run directory (or config).")
+    st.add_argument("target", metavar="RUN_DIR_OR_CONFIG")
+
+    ly = sub.add_parser("layers", help="list a model's layers and which can be analysed",
+                        description="List layer names (nested sub-models as outer/inner), types, output "
+                                    "shapes and whether each can be analysed.")
+    ly.add_argument("model", metavar="MODEL")
+    ly.add_argument("--trust-model", action="store_true",
+                    help="allow Lambda layers / custom objects (runs code from the model file)")
+    return p
+
+
+def _stage_flags(p, with_selection):
+    p.add_argument("--force", action="store_true", help="rerun even if up to date")
+    p.add_argument("--trust-model", action="store_true",
+                   help="allow Lambda layers / custom objects (runs code from the model file)")
+    if with_selection:
+        p.add_argument("--only", choices=STAGE_NAMES, help="run just this stage")
+        p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, help="rerun this stage and all after it")
+
+
+def _config_from(args):
+    """A Config from a YAML file, a run directory's manifest, or --model/--images flags."""
+    from pipeline.config import load_config, make_config
+
+    target = getattr(args, "config", None) or getattr(args, "target", None)
+    if target:
+        path = Path(target)
+        if path.is_dir():
+            from pipeline.store import RunStore
+
+            manifest = RunStore(path).read_json("manifest.json")
+            if not manifest or "config" not in manifest:
+                raise UserError(f"{path} is not a run directory (no manifest.json)")
+            raw = dict(manifest["config"])
+            raw["out"] = str(path)
+            cfg = make_config(raw)
+        else:
+            cfg = load_config(path)
+    else:
+        if not args.model or not (args.images or args.npz):
+            raise UserError("give a CONFIG.yaml, or --model and --images (or --npz)")
+        raw = {"model": args.model, "data": {"images": args.images, "npz": args.npz},
+               "name": args.name or Path(args.model).stem or "run"}
+        for key in ("out", "seed"):
+            if getattr(args, key, None) is not None:
+                raw[key] = getattr(args, key)
+        if args.layers:
+            raw["layers"] = args.layers
+        if args.limit:
+            raw["data"]["limit"] = args.limit
+        cfg = make_config(raw)
+    if getattr(args, "trust_model", False):
+        cfg.trust_model = True
+    return cfg
+
+
+def _run(cfg, args, only=None, from_stage=None):
+    from pipeline.runner import Runner
+    from pipeline.stages import all_stages
+
+    runner = Runner(cfg, all_stages(), debug=args.debug)
+    runner.run(only=only, from_stage=from_stage, force=args.force)
+    print(f"run directory: {cfg.out_dir}")
+    return runner
+
+
+def cmd_run(args):
+    cfg = _config_from(args)
+    _run(cfg, args, only=args.only, from_stage=args.from_stage)
+
+
+def cmd_stage(args):
+    from pipeline.stages import all_stages
+
+    if args.command not in [s.name for s in all_stages()]:
+        raise UserError(f"stage '{args.command}' is not available in this version")
+    cfg = _config_from(args)
+    _run(cfg, args, only=args.command)
+
+
+def cmd_status(args):
+    from pipeline.runner import Runner
+    from pipeline.stages import all_stages
+
+    cfg = _config_from(args)
+    if not cfg.out_dir.exists():
+        raise UserError(f"run directory {cfg.out_dir} does not exist yet")
+    for line in Runner(cfg, all_stages()).status_lines():
+        print(line)
+
+
+def cmd_layers(args):
+    from pipeline.models import AUTO_TYPES, load_model
+
+    model = load_model(args.model, args.trust_model)
+    print(f"model {model.name}: input {tuple(model.input_shape)}")
+    rows = [("name", "type", "output shape", "analysable")]
+    for i in model.layers:
+        verdict = ("yes (auto)" if i.type in AUTO_TYPES else "yes") if i.analysable else f"no: {i.reason}"
+        rows.append((i.name, i.type, str(i.output_shape), verdict))
+    widths = [max(len(r[c]) for r in rows) for c in range(3)]
+    for r in rows:
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+
+
+def cmd_demo(args):
+    from pipeline.demo import run_demo
+
+    run_demo(out=args.out, force=args.force, debug=args.debug)
+
+
+COMMANDS = {"run": cmd_run, "status": cmd_status, "layers": cmd_layers, "demo": cmd_demo,
+            **{s: cmd_stage for s in STAGE_NAMES}}
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if not args.command:
+        _parser().print_help()
+        return 2
+    try:
+        COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished work is kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an internal error: one line unless --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: internal error ({type(exc).__name__}: {first[:300]}); rerun with --debug for the "
+              "traceback", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,227 @@
+"""The run configuration: a validated YAML file (or CLI flags) with documented defaults.
+
+Unknown or mistyped keys are errors that name the key; every default lives here and in the README.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import UserError
+
+REDUCTIONS = ("mean", "max")
+STAGES = ("extract", "embed", "cluster", "maximize", "report")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    images: Optional[str] = None
+    npz: Optional[str] = None
+    size: Union[Literal["auto"], tuple[int, int]] = "auto"
+    color: Literal["auto", "grey", "rgb"] = "auto"
+    limit: Optional[int] = Field(default=None, ge=1)
+    scale: str = "1/255"
+    max_pixels: Optional[int] = Field(default=None, ge=1)
+
+
+class ExtractConfig(_Section):
+    batch_size: int = Field(default=64, ge=1)
+    reduce: list[Literal["mean", "max"]] = ["mean", "max"]
+    spatial_samples: int = Field(default=0, ge=0)
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class EmbedConfig(_Section):
+    methods: list[Literal["tsne", "umap"]] = ["tsne", "umap"]
+    of: list[Literal["images", "neurons"]] = ["images", "neurons"]
+    pca: int = Field(default=50, ge=2)
+    max_fit: int = Field(default=10000, ge=100)
+    perplexity: float = Field(default=30.0, gt=0)
+    n_neighbors: int = Field(default=15, ge=2)
+
+
+class ClusterConfig(_Section):
+    method: Literal["agglomerative", "kmeans", "hdbscan"] = "agglomerative"
+    n_clusters: Union[Literal["auto"], int] = "auto"
+    metric: Literal["correlation"] = "correlation"
+    bootstrap: int = Field(default=20, ge=0)
+    top_k: int = Field(default=9, ge=1)
+
+
+class MaximizeConfig(_Section):
+    units: Union[Literal["all"], str, list[int]] = "all"
+    steps: int = Field(default=256, ge=1)
+    size: int = Field(default=128, ge=8)
+    clusters: bool = True
+    classes: bool = True
+    batch_size: int = Field(default=32, ge=1)
+    learning_rate: float = Field(default=0.05, gt=0)
+    layers: Union[Literal["all", "last"], list[str]] = "all"
+
+
+class ReportConfig(_Section):
+    out: Optional[str] = None
+
+
+class Config(_Section):
+    name: str = "run"
+    out: Optional[str] = None
+    seed: int = 0
+    model: str
+    trust_model: bool = False
+    data: DataConfig
+    layers: Union[Literal["auto"], list[str]] = "auto"
+    extract: ExtractConfig = ExtractConfig()
+    embed: EmbedConfig = EmbedConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    maximize: MaximizeConfig = MaximizeConfig()
+    report: ReportConfig = ReportConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v):
+        if not v or "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError("must be a plain folder name (no slashes)")
+        return v
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("data/runs") / self.name
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.report.out) if self.report.out else Path("reports") / self.name
+
+    def section_hash(self, *keys: str) -> str:
+        """Hash of the named top-level sections, so a stage reruns only when its own parameters change."""
+        dumped = self.model_dump(mode="json")
+        return hash_json({k: dumped[k] for k in keys})
+
+
+def hash_json(obj) -> str:
+    """Stable short hash of a JSON-serialisable object."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _known_keys(model_cls, loc):
+    """The keys allowed at a location of the config, for "did you mean" hints."""
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+_TYPE_TAGS = {"int", "str", "float", "bool", "list", "tuple", "dict"}
+
+
+def _describe(error, model_cls=Config) -> str:
+    # Union members add their type name to the location ("n_clusters.literal['auto']"): drop it.
+    loc = [p for p in error["loc"] if isinstance(p, str) and "[" not in p and p not in _TYPE_TAGS]
+    dotted = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(model_cls, loc)
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        suffix = f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})"
+        return f"unknown config key '{dotted}'{suffix}"
+    if error["type"] == "missing":
+        return f"missing config key '{dotted}'"
+    # Union errors repeat per branch; the first message is the clearest one.
+    return f"config key '{dotted}': {error['msg']} (got {error.get('input')!r})"
+
+
+def make_config(raw: dict, base_dir: Path | None = None) -> Config:
+    """Validate a config mapping.
+
+    Parameters
+    ----------
+    raw : dict
+        Parsed YAML (or flags turned into the same shape).
+    base_dir : Path, optional
+        Relative paths for ``model``, ``data.images``, ``data.npz`` are resolved against it
+        (the folder of the config file), so a config works from any working directory.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    UserError
+        One line naming the first offending key.
+    """
+    if not isinstance(raw, dict):
+        raise UserError("config must be a YAML mapping of keys to values")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_describe(exc.errors()[0])) from None
+    if not cfg.data.images and not cfg.data.npz:
+        raise UserError("config 'data' needs 'images' (a folder) or 'npz' (a file)")
+    if cfg.data.images and cfg.data.npz:
+        raise UserError("config 'data' takes 'images' or 'npz', not both")
+    if base_dir is not None:
+        cfg = _resolve_paths(cfg, Path(base_dir))
+    return cfg
+
+
+def _resolve_paths(cfg: Config, base: Path) -> Config:
+    def res(p):
+        return None if p is None else str((base / p) if not Path(p).is_absolute() else Path(p))
+
+    cfg.model = res(cfg.model)
+    cfg.data.images = res(cfg.data.images)
+    cfg.data.npz = res(cfg.data.npz)
+    if cfg.out:
+        cfg.out = res(cfg.out)
+    if cfg.report.out:
+        cfg.report.out = res(cfg.report.out)
+    return cfg
+
+
+def load_config(path) -> Config:
+    """Read and validate a YAML config file (relative paths are relative to the file)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    return make_config(raw, base_dir=path.parent)
+
+
+def parse_scale(scale: str) -> tuple[float, float]:
+    """Turn the ``data.scale`` preprocessing into ``x * a + b`` on pixels in [0, 255].
+
+    Accepts a fraction (``1/255``), a number, or a named preprocessing:
+    ``unit`` ([0, 1]), ``symmetric``/``tf`` ([-1, 1]), ``none``/``raw`` ([0, 255]).
+    """
+    named = {"unit": (1 / 255, 0.0), "symmetric": (2 / 255, -1.0), "tf": (2 / 255, -1.0),
+             "none": (1.0, 0.0), "raw": (1.0, 0.0)}
+    s = str(scale).strip().lower()
+    if s in named:
+        return named[s]
+    try:
+        if "/" in s:
+            num, den = s.split("/", 1)
+            return float(num) / float(den), 0.0
+        return float(s), 0.0
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"config key 'data.scale': cannot read {scale!r} "
+                        f"(use a number like 1/255 or one of {', '.join(named)})") from None

@@ -1,0 +1,118 @@
+"""The extract stage's computation: one compiled multi-output forward pass per batch, reduced on the device.
+
+Feature maps ``(B, H, W, C)`` become ``(B, C)`` per reduction (mean, max over H and W) before they
+leave the device, so only a few floats per unit and image are copied back. Vector outputs are
+kept as they are (key ``value``). Nothing here reads or writes files.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+RESERVED = ("logits",)
+
+
+def layer_path(layer: str) -> str:
+    """Group of a layer in ``activations.zarr``: its name, unless that clashes with a root array.
+
+    A layer named ``logits`` (common) would collide with the model's ``logits`` array, so its
+    group becomes ``logits.layer``; the mapping is kept in the store's ``layers`` attribute.
+    """
+    return f"{layer}.layer" if layer.split("/")[0] in RESERVED else layer
+
+
+def output_keys(layer_kinds, reductions, spatial_samples) -> list[str]:
+    """Names of the arrays a forward pass returns, ``<layer>/<reduction>`` plus ``logits``.
+
+    Parameters
+    ----------
+    layer_kinds : dict
+        ``{layer: "map" | "vector"}`` in extraction order.
+    reductions : list of str
+        ``mean`` and/or ``max``; applied to maps only.
+    spatial_samples : int
+        When > 0, maps also give ``<layer>/spatial`` ``(B, k, C)`` and ``<layer>/spatial_pos``.
+    """
+    keys = []
+    for name, kind in layer_kinds.items():
+        layer = layer_path(name)
+        if kind == "map":
+            keys += [f"{layer}/{r}" for r in reductions]
+            if spatial_samples:
+                keys += [f"{layer}/spatial", f"{layer}/spatial_pos"]
+        else:
+            keys.append(f"{layer}/value")
+    return keys + ["logits"]
+
+
+def spatial_positions(seed, layer_index, image_indices, height, width, k) -> np.ndarray:
+    """Seeded random ``(row, col)`` positions per image, independent of batching.
+
+    Each image's positions depend only on (seed, layer, image index), so a resumed or
+    re-batched run samples the same places.
+    """
+    out = np.empty((len(image_indices), k, 2), dtype=np.int32)
+    for i, idx in enumerate(image_indices):
+        rng = np.random.default_rng([seed, layer_index, int(idx)])
+        flat = rng.choice(height * width, size=k, replace=k > height * width)
+        out[i, :, 0], out[i, :, 1] = np.divmod(flat, width)
+    return out
+
+
+def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spatial_samples=0):
+    """Compile the per-batch computation.
+
+    Parameters
+    ----------
+    extractor : callable
+        ``extractor(x) -> (layer outputs, logits)`` from the model adapter.
+    layer_kinds : dict
+        ``{layer: "map" | "vector"}``, the order of ``extractor``'s outputs.
+    reductions : list of str
+    scale : (float, float)
+        Pixels in [0, 255] become ``x * a + b`` (the model's own input range).
+    dtype : str
+        Storage dtype; the cast happens on the device.
+    spatial_samples : int
+
+    Returns
+    -------
+    callable
+        ``forward(pixels_uint8, positions) -> (dict of arrays, dict of non-finite counts)``;
+        ``positions`` is a list with one ``(B, k, 2)`` int32 array per map layer (empty if k = 0).
+    """
+    import tensorflow as tf
+
+    a, b = float(scale[0]), float(scale[1])
+    layers = list(layer_kinds)
+    out_dtype = tf.float16 if dtype == "float16" else tf.float32
+
+    @tf.function(reduce_retracing=True)
+    def forward(pixels, positions):
+        x = tf.cast(pixels, tf.float32) * a + b
+        outputs, logits = extractor(x)
+        arrays, bad = {}, {}
+        p = 0
+        for name, y in zip(layers, outputs):
+            layer = layer_path(name)
+            y = tf.cast(y, tf.float32)
+            bad[name] = tf.reduce_sum(tf.cast(~tf.math.is_finite(y), tf.int64))
+            if layer_kinds[name] == "map":
+                for r in reductions:
+                    red = tf.reduce_mean(y, axis=[1, 2]) if r == "mean" else tf.reduce_max(y, axis=[1, 2])
+                    arrays[f"{layer}/{r}"] = tf.cast(red, out_dtype)
+                if spatial_samples:
+                    arrays[f"{layer}/spatial"] = tf.cast(tf.gather_nd(y, positions[p], batch_dims=1), out_dtype)
+                    p += 1
+            else:
+                arrays[f"{layer}/value"] = tf.cast(tf.reshape(y, [tf.shape(y)[0], -1]), out_dtype)
+        logits = tf.cast(tf.reshape(logits, [tf.shape(logits)[0], -1]), tf.float32)
+        bad["logits"] = tf.reduce_sum(tf.cast(~tf.math.is_finite(logits), tf.int64))
+        arrays["logits"] = logits
+        return arrays, bad
+
+    def run(pixels, positions=()):
+        arrays, bad = forward(pixels, list(positions))
+        return ({k: v.numpy() for k, v in arrays.items()}, {k: int(v) for k, v in bad.items()})
+
+    return run

@@ -1,0 +1,331 @@
+"""Load a user's model safely and expose its layers for extraction.
+
+Keras files (``.keras``, ``.h5``) are inspected *before* loading: a Lambda layer or a class that is
+not part of Keras means loading would run the author's code, so it is refused unless the user
+passes ``--trust-model``. SavedModel directories are handled by :mod:`pipeline.savedmodel`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import zipfile
+from pathlib import Path
+
+from pipeline.errors import UnsafeModelError, UserError
+from pipeline.modelinfo import LayerInfo, analysable_shape
+
+# Layers picked by ``layers: auto``: the ones whose units are learned feature detectors.
+AUTO_TYPES = {"Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose", "Dense",
+              "Conv2d", "MatMul", "DepthwiseConv2dNative"}
+_SOFTMAX_NAMES = {"softmax"}
+
+
+def model_kind(path) -> str:
+    """``keras``, ``h5`` or ``savedmodel`` from the path, or a UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model not found: {p}")
+    if p.is_dir():
+        if (p / "saved_model.pb").exists() or (p / "saved_model.pbtxt").exists():
+            return "savedmodel"
+        raise UserError(f"{p} is a directory but not a SavedModel (no saved_model.pb)")
+    suffix = p.suffix.lower()
+    if suffix == ".keras":
+        return "keras"
+    if suffix in (".h5", ".hdf5"):
+        return "h5"
+    raise UserError(f"unsupported model file {p.name}: use .keras, .h5 or a SavedModel directory")
+
+
+def read_keras_config(path) -> dict:
+    """The architecture JSON of a ``.keras`` or ``.h5`` file, read without running any model code."""
+    kind = model_kind(path)
+    try:
+        if kind == "keras":
+            with zipfile.ZipFile(path) as zf:
+                return json.loads(zf.read("config.json"))
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            raw = f.attrs.get("model_config")
+            if raw is None:
+                raise UserError(f"{path} holds weights only (no model_config): save the whole model")
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as exc:
+        raise UserError(f"cannot read model {path}: {exc}") from None
+
+
+def unsafe_parts(config, known_classes=None) -> list[str]:
+    """Names of layers/objects in a Keras config that would run user code when deserialised.
+
+    Parameters
+    ----------
+    config : dict
+        Architecture JSON from :func:`read_keras_config`.
+    known_classes : set of str, optional
+        Class names Keras provides; needed for legacy ``.h5`` configs, which carry no module.
+    """
+    found = []
+
+    def describe(node):
+        cls = node["class_name"]
+        module = str(node.get("module") or "")
+        inner = node.get("config")
+        name = inner.get("name", cls) if isinstance(inner, dict) else cls
+        if cls == "Lambda":
+            return f"Lambda layer '{name}'"
+        if cls == "__lambda__":
+            return "a stored Python function"
+        if module and not module.startswith(("keras", "builtins", "numpy")):
+            return f"custom object '{cls}' (module '{module}')"
+        if not module and known_classes is not None and cls not in known_classes:
+            return f"custom object '{cls}'"
+        return None
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("class_name"), str):
+                what = describe(node)
+                if what:
+                    found.append(what)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    return sorted(set(found))
+
+
+def _keras_class_names() -> set:
+    """Every public class name Keras can deserialise without user code."""
+    import keras
+
+    names = {"Functional", "Sequential", "Model", "__tuple__", "__keras_tensor__", "__ellipsis__", "__slice__", "__numpy__", "__bytes__", "__tensor__",
+             "DTypePolicy", "FloatDTypePolicy", "QuantizedDTypePolicy"}
+    for mod in (keras.layers, keras.initializers, keras.regularizers, keras.constraints,
+                keras.activations, keras.optimizers, keras.losses, keras.metrics, keras.dtype_policies):
+        names.update(n for n in dir(mod) if not n.startswith("_"))
+    return names
+
+
+def check_safe(path, trust_model: bool) -> None:
+    """Refuse a model whose loading would run its author's code, unless trusted."""
+    if trust_model or model_kind(path) == "savedmodel":
+        return
+    known = _keras_class_names() if model_kind(path) == "h5" else None
+    bad = unsafe_parts(read_keras_config(path), known)
+    if bad:
+        raise UnsafeModelError(
+            f"model {Path(path).name} contains {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}: "
+            "loading it runs code from the file; pass --trust-model (or trust_model: true) if you trust it")
+
+
+def load_model(path, trust_model: bool = False):
+    """Load a model for analysis.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.keras``/``.h5`` file or SavedModel directory.
+    trust_model : bool
+        Allow Lambda layers and custom objects (runs code stored in the file).
+
+    Returns
+    -------
+    KerasModel or pipeline.savedmodel.GraphModel
+    """
+    check_safe(path, trust_model)
+    kind = model_kind(path)
+    if kind == "savedmodel":
+        from pipeline.savedmodel import GraphModel
+
+        return GraphModel(path)
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    import keras
+
+    if trust_model:
+        # Lambda layers in .keras files need unsafe deserialisation to be enabled globally.
+        keras.config.enable_unsafe_deserialization()
+    try:
+        model = keras.models.load_model(path, compile=False, safe_mode=not trust_model)
+    except Exception as exc:  # Keras raises many types here; all mean "this file cannot be used"
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot load model {Path(path).name}: {msg}") from None
+    return KerasModel(model, name=Path(path).stem)
+
+
+class KerasModel:
+    """A Keras 3 model whose layers, including those of nested sub-models, can be tapped.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built functional or Sequential model (subclassed models expose only their output).
+    name : str
+        Shown in reports.
+    """
+
+    def __init__(self, model, name="model"):
+        self.model = model
+        self.name = name
+        if len(model.inputs) != 1:
+            raise UserError(f"model {name} has {len(model.inputs)} inputs: only single-image-input models are supported")
+        shape = tuple(model.inputs[0].shape[1:])
+        if len(shape) != 3:
+            raise UserError(f"model {name} input shape {shape} is not an image (H, W, C)")
+        self.input_shape = shape
+        self.layers = [info for info, _ in _walk_layers(model, "")]
+        self._by_name = {info.name: layer for info, layer in _walk_layers(model, "")}
+
+    def build_extractor(self, layer_names):
+        """Return ``fn(x) -> (list of layer outputs, logits)`` for use inside a ``tf.function``.
+
+        Logits are the pre-softmax values when the model ends in a softmax (a Dense layer with
+        softmax activation, an ``Activation('softmax')`` or a ``Softmax`` layer).
+        """
+        unknown = [n for n in layer_names if n not in self._by_name]
+        if unknown:
+            raise UserError(f"unknown layer '{unknown[0]}' (see `python -m pipeline layers MODEL`)")
+        wanted = set(layer_names)
+        out_layer = _output_layer(self.model)
+        model = self.model
+
+        def extract(x):
+            taps = {}
+            logits = _tapped_call(model, x, wanted, "", taps, pre_softmax=out_layer)
+            if isinstance(logits, (list, tuple)):
+                logits = logits[0]
+            return [taps[n] for n in layer_names], logits
+
+        return extract
+
+
+def _output_layer(model):
+    """The layer producing the (first) model output, if the graph is known."""
+    try:
+        history = model.outputs[0]._keras_history
+        return history.operation
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def _is_softmax(fn) -> bool:
+    return getattr(fn, "__name__", "") in _SOFTMAX_NAMES
+
+
+def _pre_softmax(layer, args, kwargs):
+    """Call ``layer`` without its final softmax, or None when it has none we can strip."""
+    import keras
+
+    cls = type(layer).__name__
+    if cls == "Softmax" or (cls == "Activation" and _is_softmax(layer.activation)):
+        return args[0]
+    if cls == "Dense" and _is_softmax(layer.activation):
+        y = keras.ops.matmul(args[0], layer.kernel)
+        return y + layer.bias if layer.use_bias else y
+    return None
+
+
+def _functional(model):
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        return model._functional
+    return model if hasattr(model, "_run_through_graph") and hasattr(model, "_nodes_by_depth") else None
+
+
+def _tapped_call(model, x, wanted, prefix, taps, pre_softmax=None):
+    """Run ``model`` on ``x`` in inference mode, recording outputs of the layers named in ``wanted``.
+
+    Nested functional sub-models are run layer by layer so their inner layers can be tapped.
+    """
+    graph = _functional(model)
+    if graph is None:
+        return model(x, training=False)
+
+    def operation_fn(op):
+        def call(*args, **kwargs):
+            name = prefix + op.name
+            if "training" in getattr(op, "_call_context_args", {"training"}):
+                kwargs["training"] = False
+            if _functional(op) is not None and any(w.startswith(name + "/") for w in wanted):
+                y = _tapped_call(op, args[0], wanted, name + "/", taps)
+            elif op is pre_softmax:
+                y = _pre_softmax(op, args, kwargs)
+                if y is None:
+                    y = op(*args, **kwargs)
+            else:
+                y = op(*args, **kwargs)
+            if name in wanted and name not in taps:
+                taps[name] = y
+            return y
+
+        return call
+
+    inputs = graph._standardize_inputs(x)
+    outputs = graph._run_through_graph(inputs, operation_fn=operation_fn)
+    return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
+
+
+def _walk_layers(model, prefix):
+    """Yield ``(LayerInfo, layer)`` for every layer, descending into functional sub-models."""
+    for layer in model.layers:
+        name = prefix + layer.name
+        if _functional(layer) is not None and layer is not model:
+            yield _info(layer, name), layer
+            yield from _walk_layers(layer, name + "/")
+            continue
+        yield _info(layer, name), layer
+
+
+def _info(layer, name) -> LayerInfo:
+    cls = type(layer).__name__
+    if cls == "InputLayer":
+        return LayerInfo(name, cls, tuple(layer.output.shape[1:]), False, "input layer")
+    try:
+        out = layer.output
+    except (AttributeError, ValueError) as exc:
+        return LayerInfo(name, cls, None, False, f"output not defined ({str(exc).splitlines()[0][:60]})")
+    if isinstance(out, (list, tuple)):
+        return LayerInfo(name, cls, None, False, "several outputs")
+    shape = tuple(out.shape[1:])
+    ok, reason = analysable_shape(shape)
+    if ok and "float" not in str(out.dtype):
+        ok, reason = False, f"dtype {out.dtype}"
+    return LayerInfo(name, cls, shape, ok, reason)
+
+
+def select_layers(infos, spec) -> list[str]:
+    """Resolve ``layers: auto`` or a list of names / glob patterns to layer names.
+
+    Parameters
+    ----------
+    infos : list of LayerInfo
+    spec : "auto" or list of str
+
+    Raises
+    ------
+    UserError
+        A name or pattern that matches nothing, or a matched layer that is not analysable.
+    """
+    if spec == "auto":
+        chosen = [i.name for i in infos if i.analysable and i.type in AUTO_TYPES]
+        if not chosen:
+            chosen = [i.name for i in infos if i.analysable]
+        if not chosen:
+            raise UserError("no analysable layer found (run `python -m pipeline layers MODEL`)")
+        return chosen
+    by_name = {i.name: i for i in infos}
+    chosen = []
+    for pattern in spec:
+        hits = [i.name for i in infos if fnmatch.fnmatchcase(i.name, pattern)]
+        if not hits:
+            raise UserError(f"layer '{pattern}' matches no layer of the model "
+                            "(run `python -m pipeline layers MODEL` to list them)")
+        if pattern in by_name and not by_name[pattern].analysable:
+            raise UserError(f"layer '{pattern}' cannot be analysed: {by_name[pattern].reason}")
+        chosen += [h for h in hits if by_name[h].analysable and h not in chosen]
+    return chosen

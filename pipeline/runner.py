@@ -1,0 +1,234 @@
+"""Decide which stages must run, run them in order, and record what was done in ``manifest.json``.
+
+The rule is DVC's: a stage is up to date when the hash of its parameters, of its inputs (files
+or upstream stages) and the code version all match what the manifest recorded, and its outputs
+exist. Anything else is stale, with the reason.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from pipeline import __version__
+from pipeline.config import Config, hash_json
+from pipeline.errors import UserError
+from pipeline.store import RunStore
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of the pipeline.
+
+    Attributes
+    ----------
+    name : str
+    deps : tuple of str
+        Upstream stages whose outputs this stage reads.
+    params : callable
+        ``params(cfg) -> dict``: the config values that change the result.
+    outputs : tuple of str
+        Run-directory paths that must exist once the stage is done.
+    run : callable
+        ``run(ctx) -> dict``: does the work through ``ctx.store``; returns a summary for the manifest.
+    inputs : callable
+        ``inputs(cfg) -> dict``: hashes of external files the stage reads (model, dataset).
+    version : str
+        Bumped when the stage's code changes its results.
+    """
+
+    name: str
+    deps: tuple
+    params: Callable
+    outputs: tuple
+    run: Callable
+    inputs: Callable = lambda cfg: {}
+    version: str = "1"
+
+
+@dataclass
+class Context:
+    """What a stage's runner-side code gets: the config, the store and a logger."""
+
+    cfg: Config
+    store: RunStore
+    debug: bool = False
+    notes: list = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def file_hash(path) -> str:
+    """Content hash of a file, or of every file under a directory (names and contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for p in files:
+        h.update(str(p.relative_to(path) if p != path else p.name).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def listing_hash(root) -> str:
+    """Hash of a folder's file names, sizes and modification times: cheap for 100k images."""
+    h = hashlib.sha256()
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            try:
+                st = p.stat()
+                h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{p.relative_to(root)}|unreadable\n".encode())
+    return h.hexdigest()[:16]
+
+
+class Runner:
+    """Runs the stages of one config.
+
+    Parameters
+    ----------
+    cfg : Config
+    stages : list of Stage
+        In pipeline order.
+    """
+
+    def __init__(self, cfg: Config, stages, debug=False):
+        self.cfg = cfg
+        self.stages = list(stages)
+        self.by_name = {s.name: s for s in self.stages}
+        self.store = RunStore(cfg.out_dir)
+        self.debug = debug
+        self._input_cache = {}
+
+    # -- fingerprints --
+
+    def manifest(self) -> dict:
+        return self.store.read_json(MANIFEST, default={"stages": {}}) or {"stages": {}}
+
+    def _inputs(self, stage) -> dict:
+        if stage.name not in self._input_cache:
+            self._input_cache[stage.name] = stage.inputs(self.cfg)
+        return self._input_cache[stage.name]
+
+    def expected(self, stage) -> dict:
+        """What the manifest must say for ``stage`` to be up to date."""
+        inputs = dict(self._inputs(stage))
+        for dep in stage.deps:
+            inputs[f"stage:{dep}"] = self.fingerprint(self.by_name[dep])
+        return {
+            "params_hash": hash_json(stage.params(self.cfg)),
+            "input_hashes": inputs,
+            "code_version": f"{__version__}/{stage.version}",
+        }
+
+    def fingerprint(self, stage) -> str:
+        return hash_json(self.expected(stage))
+
+    def state(self, stage, manifest=None) -> tuple[str, str]:
+        """``(status, reason)`` with status ``done``, ``stale`` or ``missing``."""
+        manifest = manifest or self.manifest()
+        rec = manifest["stages"].get(stage.name)
+        if not rec or rec.get("status") != "done":
+            return "missing", "never finished" if not rec else f"last attempt {rec.get('status')}"
+        missing = [o for o in stage.outputs if not self.store.exists(o)]
+        if missing:
+            return "missing", f"output {missing[0]} is missing"
+        exp = self.expected(stage)
+        if rec.get("code_version") != exp["code_version"]:
+            return "stale", f"code version changed ({rec.get('code_version')} -> {exp['code_version']})"
+        if rec.get("params_hash") != exp["params_hash"]:
+            return "stale", "parameters changed"
+        old = rec.get("input_hashes", {})
+        for key, value in exp["input_hashes"].items():
+            if old.get(key) != value:
+                what = f"upstream stage '{key[6:]}' changed" if key.startswith("stage:") else f"input '{key}' changed"
+                return "stale", what
+        return "done", f"finished {rec.get('finished_at', '?')}"
+
+    # -- running --
+
+    def plan(self, only=None, from_stage=None, force=False) -> list[Stage]:
+        """The stages to run, in order."""
+        names = [s.name for s in self.stages]
+        for n in (only, from_stage):
+            if n is not None and n not in names:
+                raise UserError(f"unknown stage '{n}' (stages: {', '.join(names)})")
+        if only:
+            return [self.by_name[only]]
+        start = names.index(from_stage) if from_stage else 0
+        if from_stage:
+            return self.stages[start:]
+        if force:
+            return list(self.stages)
+        manifest = self.manifest()
+        return [s for s in self.stages if self.state(s, manifest)[0] != "done"]
+
+    def run(self, only=None, from_stage=None, force=False) -> list[tuple[str, str]]:
+        """Run what is needed; return ``(stage, outcome)`` pairs."""
+        planned = {s.name for s in self.plan(only, from_stage, force)}
+        results = []
+        for stage in self.stages:
+            if stage.name not in planned:
+                status, reason = self.state(stage)
+                if status == "done":
+                    results.append((stage.name, "skipped (up to date)"))
+                    print(f"{stage.name}: up to date, skipped", file=sys.stderr)
+                continue
+            for dep in stage.deps:
+                if self.state(self.by_name[dep])[0] == "missing":
+                    raise UserError(f"stage '{stage.name}' needs '{dep}' first: "
+                                    f"run `python -m pipeline {dep} ...` or the whole pipeline")
+            results.append((stage.name, self._run_one(stage)))
+        return results
+
+    def _run_one(self, stage) -> str:
+        exp = self.expected(stage)
+        manifest = self.manifest()
+        manifest["stages"][stage.name] = {**exp, "status": "running",
+                                          "started_at": _now()}
+        manifest["config"] = self.cfg.model_dump(mode="json")
+        self.store.write_json(MANIFEST, manifest)
+        print(f"{stage.name}: running", file=sys.stderr, flush=True)
+        ctx = Context(self.cfg, self.store, self.debug)
+        t0 = time.perf_counter()
+        try:
+            summary = stage.run(ctx) or {}
+        except BaseException as exc:
+            manifest = self.manifest()
+            manifest["stages"][stage.name]["status"] = "failed" if isinstance(exc, Exception) else "interrupted"
+            manifest["stages"][stage.name]["error"] = str(exc)[:500]
+            self.store.write_json(MANIFEST, manifest)
+            raise
+        seconds = round(time.perf_counter() - t0, 2)
+        manifest = self.manifest()
+        manifest["stages"][stage.name] = {**exp, "status": "done", "finished_at": _now(),
+                                          "seconds": seconds, "summary": summary,
+                                          "fingerprint": hash_json(exp)}
+        self.store.write_json(MANIFEST, manifest)
+        print(f"{stage.name}: done in {seconds:.1f} s", file=sys.stderr, flush=True)
+        return "done"
+
+    def status_lines(self) -> list[str]:
+        manifest = self.manifest()
+        lines = []
+        for stage in self.stages:
+            status, reason = self.state(stage, manifest)
+            lines.append(f"{stage.name:<9} {status:<8} {reason}")
+        return lines
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

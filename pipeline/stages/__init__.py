@@ -1,0 +1,8 @@
+"""The pipeline's stages in order. Each module defines ``STAGE``; heavy imports stay inside ``run``."""
+
+
+def all_stages():
+    """Every available stage, in pipeline order."""
+    from pipeline.stages import extract
+
+    return [extract.STAGE]
