@@ -105,8 +105,11 @@ def _config_from(args):
 
 
 def _run(cfg, args, only=None, from_stage=None):
+    from pipeline.models import check_safe
     from pipeline.runner import Runner
     from pipeline.stages import all_stages
+
+    check_safe(cfg.model, cfg.trust_model)  # refuse before anything is written or run
 
     runner = Runner(cfg, all_stages(), debug=args.debug)
     runner.run(only=only, from_stage=from_stage, force=args.force)

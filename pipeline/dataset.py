@@ -74,7 +74,9 @@ def pixel_loader(data_cfg, dataset, size, channels):
     if data_cfg.npz:
         x, _, _ = images.load_npz(data_cfg.npz)
         source = dataset["source_index"].to_numpy()
-        return lambda rows: images.convert_array_batch(x[source[rows]], hw, channels)
+        # One value range for the whole array: guessing per batch could read a dark 0-255 batch as 0-1.
+        top = images.infer_value_range(x)
+        return lambda rows: images.convert_array_batch(x[source[rows]], hw, channels, value_range=top)
     paths = dataset["path"].to_numpy()
 
     def load(rows):

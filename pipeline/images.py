@@ -266,7 +266,8 @@ def _open(fp, limit):
         found = re.search(r"\((\d+) pixels\)", str(e))
         pixels = f"{found.group(1)} pixels" if found else "too many pixels"
         limit = min(limit or math.inf, 2 * Image.MAX_IMAGE_PIXELS)
-        raise SkipInput(f"image too large ({pixels} > limit {limit}): possible decompression bomb") from None
+        reason = f"image too large ({pixels} > limit {limit}): possible decompression bomb"
+        raise SkipInput(reason) from None
     except _DECODE_ERRORS as e:
         raise SkipInput(f"truncated or corrupt image data: {_short(e)}") from None
 
@@ -280,7 +281,9 @@ def _check_pixels(wh, limit):
     # works in every thread, whatever the warning filters are.
     width, height = wh
     if limit is not None and width * height > limit:
-        raise SkipInput(f"image too large ({width}×{height} pixels > limit {limit}): possible decompression bomb")
+        raise SkipInput(
+            f"image too large ({width}×{height} pixels > limit {limit}): possible decompression bomb"
+        )
 
 
 def _draft(im, size):
@@ -355,9 +358,23 @@ def _uint16_to_uint8(values):
 
 
 def _infer_float_range(values):
-    finite = values[np.isfinite(values)]
-    top = float(finite.max()) if finite.size else 0.0
-    return 1.0 if top <= 1.0 else 255.0
+    return _float_top(_finite_min_max(values)[1])
+
+
+def _float_top(high):
+    # Floats are either [0, 1] (Keras' rescaled images) or [0, 255] (cast uint8).
+    return 1.0 if high <= 1.0 else 255.0
+
+
+def _finite_min_max(values):
+    if values.dtype.kind != "f":
+        return float(np.min(values)), float(np.max(values))
+    # NaN and inf are ignored (callers skip such images); where= avoids copying values.
+    finite = np.isfinite(values)
+    return (
+        float(np.min(values, where=finite, initial=np.inf)),
+        float(np.max(values, where=finite, initial=-np.inf)),
+    )
 
 
 def _float_to_uint8(values, top):
@@ -403,10 +420,12 @@ def load_images(paths, size, channels, max_pixels=None, workers=None, progress=N
     failures : list of (int, str)
         Position and reason of each file that was skipped.
     """
+    _check_target(size, channels)
     height, width = size
     images = np.empty((len(paths), height, width, channels), dtype=np.uint8)
     positions, failures = [], []
-    for position, pixels, reason in _decode_all(paths, size, channels, max_pixels, workers, progress, keep=True):
+    decoded = _decode_all(paths, size, channels, max_pixels, workers, progress, keep=True)
+    for position, pixels, reason in decoded:
         if reason is None:
             images[len(positions)] = pixels  # compact as we go: no second copy to stack
             positions.append(position)
@@ -429,7 +448,8 @@ def scan_images(paths, size, channels, max_pixels=None, workers=None, progress=N
         Position and reason of each file that would be skipped.
     """
     positions, failures = [], []
-    for position, _, reason in _decode_all(paths, size, channels, max_pixels, workers, progress, keep=False):
+    decoded = _decode_all(paths, size, channels, max_pixels, workers, progress, keep=False)
+    for position, _, reason in decoded:
         if reason is None:
             positions.append(position)
         else:
@@ -449,6 +469,7 @@ def _decode_all(paths, size, channels, max_pixels, workers, progress, keep):
             return None, skip.reason
 
     workers = workers or min(32, (os.cpu_count() or 1) + 4)
+    Image.init()  # register every format plugin once, before threads race to do it
     with _bomb_warning_silenced():
         for position, (pixels, reason) in enumerate(_ordered_map(attempt, paths, workers)):
             if progress is not None:
@@ -551,7 +572,9 @@ def load_npz(path):
     with _open_npz(path) as data:
         if "x" not in data.files:
             found = ", ".join(data.files) or "nothing"
-            raise UserError(f"{path}: no array named 'x' (found: {found}); save images with numpy.savez(path, x=images)")
+            raise UserError(
+                f"{path}: no array named 'x' (found: {found}); save images with numpy.savez(path, x=images)"
+            )
         x = _npz_array(data, "x", path)
         y = _npz_array(data, "y", path) if "y" in data.files else None
         names = _npz_array(data, "class_names", path) if "class_names" in data.files else None
@@ -567,7 +590,9 @@ def _open_npz(path):
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     if head == b"\x93NUMPY":
-        raise UserError(f"{path}: is a single .npy array, not an .npz file; save it with numpy.savez(path, x=images)")
+        raise UserError(
+            f"{path}: is a single .npy array, not an .npz file; save it with numpy.savez(path, x=images)"
+        )
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a valid .npz file (not a zip archive)")
     try:
@@ -592,7 +617,9 @@ def _npz_array(data, key, path):
 
 def _check_x(x, path):
     if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3, 4)):
-        raise UserError(f"{path}: x must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
+        raise UserError(
+            f"{path}: x must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}"
+        )
     if x.dtype.kind not in "biuf":
         raise UserError(f"{path}: x has dtype {x.dtype}; expected uint8 or float")
     if len(x) == 0:
@@ -616,10 +643,14 @@ def _checked_class_names(names, y, path):
     if names is None:
         return None
     if names.ndim != 1 or names.dtype.kind not in "US":
-        raise UserError(f"{path}: class_names must be a 1-D array of strings; got {names.dtype} {names.shape}")
+        raise UserError(
+            f"{path}: class_names must be a 1-D array of strings; got {names.dtype} {names.shape}"
+        )
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
     if y is not None and len(y) and int(y.max()) >= len(names):
-        raise UserError(f"{path}: y has label {int(y.max())} but class_names lists only {len(names)} classes")
+        raise UserError(
+            f"{path}: y has label {int(y.max())} but class_names lists only {len(names)} classes"
+        )
     return names
 
 
@@ -647,7 +678,11 @@ def convert_array_batch(x, size, channels, value_range=None):
     Raises
     ------
     UserError
-        Negative, non-finite or out-of-range values: their meaning cannot be guessed.
+        Negative or out-of-range values: their meaning cannot be guessed.
+
+    Notes
+    -----
+    NaN becomes black and infinities are clipped: skip such images before converting.
     """
     _check_target(size, channels)
     top = value_range if value_range is not None else infer_value_range(x)
@@ -661,6 +696,13 @@ def convert_array_batch(x, size, channels, value_range=None):
 def infer_value_range(x):
     """The value meaning "white" in an image array (see :func:`convert_array_batch`).
 
+    Non-finite values are ignored.
+
+    Returns
+    -------
+    float
+        1.0, 255.0 or 65535.0.
+
     Raises
     ------
     UserError
@@ -668,15 +710,16 @@ def infer_value_range(x):
     """
     if x.dtype in (np.uint8, np.bool_) or x.size == 0:
         return 255.0 if x.dtype == np.uint8 else 1.0
-    low, high = float(np.min(x)), float(np.max(x))
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise UserError("image array holds NaN or infinite values")
+    low, high = _finite_min_max(x)
     if low < 0:
-        raise UserError(f"image array has negative values (min {low:g}); store uint8 images or floats in [0, 1] or [0, 255]")
+        raise UserError(
+            f"image array has negative values (min {low:g}); "
+            "store uint8 images or floats in [0, 1] or [0, 255]"
+        )
     if x.dtype.kind == "f":
         if high > 255.0:
             raise UserError(f"float image array has values up to {high:g}; expected [0, 1] or [0, 255]")
-        return 1.0 if high <= 1.0 else 255.0
+        return _float_top(high)
     if high > 65535:
         raise UserError(f"integer image array has values up to {high:g}; expected 8- or 16-bit values")
     return 255.0 if high <= 255 else 65535.0

@@ -101,6 +101,9 @@ def unsafe_parts(config, known_classes=None) -> list[str]:
 
 def _keras_class_names() -> set:
     """Every public class name Keras can deserialise without user code."""
+    from pipeline.tfsetup import tensorflow
+
+    tensorflow()
     import keras
 
     names = {"Functional", "Sequential", "Model", "__tuple__", "__keras_tensor__", "__ellipsis__", "__slice__", "__numpy__", "__bytes__", "__tensor__",
@@ -141,9 +144,13 @@ def load_model(path, trust_model: bool = False):
     kind = model_kind(path)
     if kind == "savedmodel":
         from pipeline.savedmodel import GraphModel
+        from pipeline.tfsetup import tensorflow
 
+        tensorflow()
         return GraphModel(path)
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    from pipeline.tfsetup import tensorflow
+
+    tensorflow()
     import keras
 
     if trust_model:

@@ -33,6 +33,7 @@ sub-layers) is listed too, with type ``"Block"``, after the layers it contains.
 """
 from __future__ import annotations
 
+import heapq
 import os
 import re
 from collections import defaultdict
@@ -212,21 +213,28 @@ def _check_input(signature, path):
 
 def _freeze(signature):
     """Frozen, inlined GraphDef and the names of its input and (first) output tensors."""
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
+    graph_def = _frozen_graph_def(signature, aggressive_inlining=False)
+    if any(_WRAPPER.match(n.op) for n in graph_def.node):  # some call was not inlined
+        graph_def = _frozen_graph_def(signature, aggressive_inlining=True)
+    # Variables and other captures come after the signature's own inputs; outputs are in
+    # flattened structure order, i.e. sorted by key (``output_0``) for a signature.
+    return graph_def, signature.inputs[0].name, signature.outputs[0].name
 
-    frozen = convert_variables_to_constants_v2(signature)
-    graph_def = frozen.graph.as_graph_def()
-    if any(_WRAPPER.match(n.op) for n in graph_def.node):
-        frozen = convert_variables_to_constants_v2(signature, aggressive_inlining=True)
-        graph_def = frozen.graph.as_graph_def()
-    outputs = frozen.structured_outputs
-    if isinstance(outputs, dict):
-        output = outputs[sorted(outputs)[0]]
-    else:
-        output = frozen.outputs[0]
-    return graph_def, frozen.inputs[0].name, output.name
+
+def _frozen_graph_def(signature, aggressive_inlining):
+    """``convert_variables_to_constants_v2`` without building the function we do not use."""
+    from tensorflow.python.framework import convert_to_constants as c2c
+
+    try:  # half the cost of convert_variables_to_constants_v2 is wrapping its result
+        data = c2c._FunctionConverterDataInEager(
+            func=signature, lower_control_flow=True, aggressive_inlining=aggressive_inlining
+        )
+        return c2c._replace_variables_by_constants(converter_data=data)[0]
+    except AttributeError:  # the private helpers moved: take the public, slower way
+        frozen = c2c.convert_variables_to_constants_v2(
+            signature, aggressive_inlining=aggressive_inlining
+        )
+        return frozen.graph.as_graph_def()
 
 
 def _import(graph_def):
@@ -318,22 +326,25 @@ def _reach(start, neighbours):
 
 
 def _topological_order(inputs, control):
-    """Depth-first topological order that keeps the GraphDef order where it can."""
-    order, state = {}, {}
-    for root in inputs:
-        stack = [(root, False)]
-        while stack:
-            op, done = stack.pop()
-            if done:
-                state[op] = 2
-                order[op] = len(order)
-                continue
-            if state.get(op) or op not in inputs:
-                continue
-            state[op] = 1
-            stack.append((op, True))
-            preds = [p for p, _ in inputs[op]] + control[op]
-            stack.extend((p, False) for p in reversed(preds) if not state.get(p))
+    """Topological order closest to the GraphDef order (which follows the trace)."""
+    position = {op: i for i, op in enumerate(inputs)}
+    preds = {op: {p for p, _ in inputs[op]} | set(control[op]) for op in inputs}
+    succs = defaultdict(list)
+    for op, ps in preds.items():
+        ps &= position.keys()
+        for p in ps:
+            succs[p].append(op)
+    waiting = {op: len(ps) for op, ps in preds.items()}
+    ready = [position[op] for op, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    ops, order = list(inputs), {}
+    while ready:
+        op = ops[heapq.heappop(ready)]
+        order[op] = len(order)
+        for nxt in succs[op]:
+            waiting[nxt] -= 1
+            if waiting[nxt] == 0:
+                heapq.heappush(ready, position[nxt])
     return order
 
 

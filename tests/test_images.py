@@ -13,6 +13,7 @@ from PIL import Image, ImageFile
 from pipeline.errors import SkipInput, UserError
 from pipeline.images import (
     convert_array_batch,
+    infer_value_range,
     list_classes,
     list_image_folder,
     load_image,
@@ -378,8 +379,18 @@ def test_array_images_go_through_the_same_conversions():
     unit_floats = np.array([[[0.0, 0.5], [1.0, 0.25]]], dtype=np.float32)
     assert convert_array_batch(unit_floats, (2, 2), 1)[0, :, :, 0].tolist() == [[0, 128], [255, 64]]
     byte_floats = unit_floats * 255
-    assert (convert_array_batch(byte_floats, (2, 2), 3) == convert_array_batch(unit_floats, (2, 2), 3)).all()
+    as_bytes = convert_array_batch(byte_floats, (2, 2), 3)
+    assert (as_bytes == convert_array_batch(unit_floats, (2, 2), 3)).all()
     assert convert_array_batch(np.zeros((5, 28, 28, 1)), (8, 6), 3).shape == (5, 8, 6, 3)
+
+
+def test_value_range_is_inferred_once_for_the_whole_array():
+    assert infer_value_range(np.array([0.0, 0.2, np.nan])) == 1.0  # NaN: the caller skips it
+    assert infer_value_range(np.array([0.0, 0.2, 200.0])) == 255.0
+    assert infer_value_range(np.array([0, 200], dtype=np.int64)) == 255.0
+    assert infer_value_range(np.array([0, 4000], dtype=np.uint16)) == 65535.0
+    dark_batch = np.full((1, 2, 2), 0.8, dtype=np.float32)  # 0.8 of 255, not 80 %
+    assert convert_array_batch(dark_batch, (2, 2), 1, value_range=255.0).max() == 1
 
 
 def test_negative_array_values_are_refused():

@@ -1,0 +1,49 @@
+"""Import TensorFlow once, quietly, with the settings this project relies on.
+
+TensorFlow's C++ runtime prints start-up chatter to file descriptor 2 (CUDA probing, absl
+notices) that no Python logging setting reaches; users read our one-line messages on stderr, so
+the chatter is sent to /dev/null while TensorFlow starts and probes devices. Real import errors
+still raise.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+
+
+@contextmanager
+def _quiet_fd2():
+    if os.environ.get("PIPELINE_TF_VERBOSE"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def tensorflow():
+    """Return the ``tensorflow`` module, imported with oneDNN off and start-up noise hidden."""
+    if "tensorflow" in sys.modules and "keras" in sys.modules:
+        return sys.modules["tensorflow"]
+    # oneDNN's gradient of strided 1x1 convolutions can crash on CPU (see DESIGN.md).
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _quiet_fd2():
+        import tensorflow as tf
+        import keras  # noqa: F401  (its import also touches the backend)
+
+        tf.config.list_physical_devices("GPU")
+    return tf
+
+
+def gpus() -> list:
+    """Names of the GPUs TensorFlow sees (empty on CPU-only machines)."""
+    return [d.name for d in tensorflow().config.list_physical_devices("GPU")]
