@@ -37,6 +37,7 @@ class ExtractConfig(_Section):
     reduce: list[Literal["mean", "max"]] = ["mean", "max"]
     spatial_samples: int = Field(default=0, ge=0)
     dtype: Literal["float32", "float16"] = "float32"
+    thumbnail_size: int = Field(default=64, ge=0)
 
 
 class EmbedConfig(_Section):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 
-RESERVED = ("logits",)
+RESERVED = ("logits", "thumbnails")
 
 
 def layer_path(layer: str) -> str:
@@ -59,7 +59,15 @@ def spatial_positions(seed, layer_index, image_indices, height, width, k) -> np.
     return out
 
 
-def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spatial_samples=0):
+def thumbnail_shape(size, limit):
+    """Thumbnail (height, width): the image scaled down so its longer side is at most ``limit``."""
+    h, w = size
+    f = min(1.0, limit / max(h, w))
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spatial_samples=0,
+                 thumb=None):
     """Compile the per-batch computation.
 
     Parameters
@@ -74,6 +82,8 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
     dtype : str
         Storage dtype; the cast happens on the device.
     spatial_samples : int
+    thumb : (int, int), optional
+        Also return ``thumbnails`` (uint8, this size) so reports need not reopen the images.
 
     Returns
     -------
@@ -109,6 +119,9 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         logits = tf.cast(tf.reshape(logits, [tf.shape(logits)[0], -1]), tf.float32)
         bad["logits"] = tf.reduce_sum(tf.cast(~tf.math.is_finite(logits), tf.int64))
         arrays["logits"] = logits
+        if thumb is not None:
+            small = tf.image.resize(tf.cast(pixels, tf.float32), thumb, method="area")
+            arrays["thumbnails"] = tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8)
         return arrays, bad
 
     def run(pixels, positions=()):

@@ -12,7 +12,7 @@ import numpy as np
 from pipeline.config import hash_json, parse_scale
 from pipeline.dataset import build_dataset, pixel_loader
 from pipeline.errors import UserError
-from pipeline.forward import layer_path, make_forward, output_keys, spatial_positions
+from pipeline.forward import layer_path, make_forward, output_keys, spatial_positions, thumbnail_shape
 from pipeline.models import load_model, model_kind, select_layers
 from pipeline.runner import Stage, file_hash, listing_hash
 
@@ -144,8 +144,12 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     batches = [(i, min(i + bs, n)) for i in range(0, n, bs)]
     done = set(progress["done"])
     todo = [b for b, _ in enumerate(batches) if b not in done]
+    thumb = thumbnail_shape(size, ex.thumbnail_size) if ex.thumbnail_size else None
     forward = make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
-                           ex.dtype, ex.spatial_samples)
+                           ex.dtype, ex.spatial_samples, thumb)
+    if thumb is not None and "thumbnails" not in root:
+        root.create_array("thumbnails", shape=(n, *thumb, channels), chunks=(bs, *thumb, channels),
+                          dtype="uint8", fill_value=0)
     load = pixel_loader(cfg.data, dataset, size, channels)
     maps = [(li, l) for li, l in enumerate(names) if kinds[l] == "map"]
     shapes = {i.name: i.output_shape for i in model.layers}
