@@ -55,6 +55,7 @@ class ClusterConfig(_Section):
     metric: Literal["correlation"] = "correlation"
     bootstrap: int = Field(default=20, ge=0)
     top_k: int = Field(default=9, ge=1)
+    reduction: Literal["mean", "max"] = "mean"
 
 
 class MaximizeConfig(_Section):

@@ -83,6 +83,16 @@ def knn_class_accuracy(x, labels, *, k=5, random_state=0, max_rows=2000):
     Each sampled row is classified by a majority vote of its ``k`` nearest other rows
     (standardised features, euclidean); vote ties go to the smallest class label.
 
+    Parameters
+    ----------
+    x : array of shape (N, C)
+    labels : array of shape (N,) of int
+        ``-1`` = unlabelled (dropped).
+    k : int, default=5
+    random_state : int, default=0
+        Seeds the row sample.
+    max_rows : int, default=2000
+
     Returns
     -------
     float
@@ -102,6 +112,15 @@ def knn_class_accuracy(x, labels, *, k=5, random_state=0, max_rows=2000):
 
 def class_silhouette(x, labels, *, random_state=0, max_rows=2000):
     """Silhouette of the classes in the layer (standardised features, euclidean), in [-1, 1].
+
+    Parameters
+    ----------
+    x : array of shape (N, C)
+    labels : array of shape (N,) of int
+        ``-1`` = unlabelled (dropped).
+    random_state : int, default=0
+        Seeds the row sample.
+    max_rows : int, default=2000
 
     Returns
     -------

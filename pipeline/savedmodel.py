@@ -29,7 +29,29 @@ calls as ``conv@1``, ``conv@2``.
 
 Layers whose call adds no op to the graph (``InputLayer``, ``Dropout`` at inference) do not
 appear. A scope that only contains other layers (a nested model, or a custom layer calling
-sub-layers) is listed too, with type ``"Block"``, after the layers it contains.
+sub-layers) is listed too, with type ``"Block"``, after the layers it contains. Ops directly in
+the model's scope (a subclassed model's own ``tf.nn.relu``) belong to no layer.
+
+Types
+-----
+A layer's type is its main op: the first of ``Conv2D`` (also for SeparableConv2D),
+``DepthwiseConv2dNative``, ``MatMul``, ``FusedBatchNormV3``, ``MaxPool``, ... that it contains;
+``"BatchNorm"`` for Keras 3's BatchNormalization (decomposed into Mul/Add inside a ``batchnorm``
+scope); otherwise the type of its last op (``Relu``, ``AddV2``, ``ConcatV2``, ``Mean``,
+``Reshape``).
+
+Outputs
+-------
+Logits are the signature's first output (``output_0``), or the *input* of the Softmax producing
+it (``GraphModel.logits_from_softmax`` says which). Layers feeding any output are listed.
+
+Limits
+------
+Freezing copies every weight into a GraphDef (the SavedModel must stay under protobuf's 2 GB);
+layer order is a topological order of the graph, which for branching models can differ from
+Keras's ``model.layers`` order; graphs other than Keras 3's are read with a structural rule
+(a scope with no op of its own and two or more sub-scopes is a block), so a nested model of a
+single layer shows as one layer, and an internal scope of a tf.keras 2 layer may show as a layer.
 """
 from __future__ import annotations
 
@@ -37,7 +59,6 @@ import heapq
 import os
 import re
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 from pipeline.errors import UserError
 from pipeline.modelinfo import LayerInfo, analysable_shape
@@ -93,12 +114,12 @@ class GraphModel:
         loaded = _load(path)
         signature = _pick_signature(loaded, path)
         self._input_dtype, self.input_shape = _check_input(signature, path)
-        graph_def, input_name, output_name = _freeze(signature)
-        graph = _Graph(graph_def, input_name, output_name)
+        graph_def, input_name, output_names = _freeze(signature)
+        graph = _Graph(graph_def, input_name, output_names)
         strip = _strip_suffixes(graph, _capture_variable_names(loaded, signature))
         self._wrapped = _import(graph_def)
         self._input_name = input_name
-        self._logits_name, self.logits_from_softmax = _logits(graph, output_name)
+        self._logits_name, self.logits_from_softmax = _logits(graph, output_names[0])
         self._outputs = {}
         self.layers = []
         for address, op_type, tensor_name in _discover_layers(graph, strip):
@@ -212,13 +233,13 @@ def _check_input(signature, path):
 
 
 def _freeze(signature):
-    """Frozen, inlined GraphDef and the names of its input and (first) output tensors."""
+    """Frozen, inlined GraphDef and the names of its input and output tensors."""
     graph_def = _frozen_graph_def(signature, aggressive_inlining=False)
     if any(_WRAPPER.match(n.op) for n in graph_def.node):  # some call was not inlined
         graph_def = _frozen_graph_def(signature, aggressive_inlining=True)
     # Variables and other captures come after the signature's own inputs; outputs are in
-    # flattened structure order, i.e. sorted by key (``output_0``) for a signature.
-    return graph_def, signature.inputs[0].name, signature.outputs[0].name
+    # flattened structure order, i.e. sorted by key (``output_0`` first) for a signature.
+    return graph_def, signature.inputs[0].name, [t.name for t in signature.outputs]
 
 
 def _frozen_graph_def(signature, aggressive_inlining):
@@ -277,37 +298,32 @@ def _variables(root):
 # --------------------------------------------------------------------------- graph analysis
 
 
-@dataclass
 class _Graph:
-    """The frozen GraphDef as plain Python: ops, edges, topological order, the data path."""
+    """The frozen GraphDef as plain Python: ops, edges, topological order, the data path.
 
-    graph_def: object
-    input_name: str
-    output_name: str
-    op_type: dict = field(default_factory=dict)
-    inputs: dict = field(default_factory=dict)       # op -> [(producer op, output index)]
-    consumers: dict = field(default_factory=lambda: defaultdict(list))
-    order: dict = field(default_factory=dict)        # op -> topological position
-    data_path: set = field(default_factory=set)
+    The data path is the set of ops that depend on the input and that an output depends on
+    (constant-only subgraphs such as variable reads are not on it).
+    """
 
-    def __post_init__(self):
+    def __init__(self, graph_def, input_name, output_names):
+        self.input_name = input_name
+        self.outputs = dict(_split(name) for name in reversed(output_names))  # op -> index
+        self.op_type = {}
+        self.inputs = {}                       # op -> [(producer op, output index)]
+        self.consumers = defaultdict(list)     # op -> [consumer op]
         control = {}
-        for node in self.graph_def.node:
+        for node in graph_def.node:
             self.op_type[node.name] = node.op
             self.inputs[node.name] = [_split(i) for i in node.input if not i.startswith("^")]
             control[node.name] = [i[1:] for i in node.input if i.startswith("^")]
             for producer, _ in self.inputs[node.name]:
                 self.consumers[producer].append(node.name)
         self.order = _topological_order(self.inputs, control)
-        self.data_path = self._descendants(_split(self.input_name)[0]) & self._ancestors(
-            _split(self.output_name)[0]
-        )
-
-    def _descendants(self, start):
-        return _reach(start, lambda op: self.consumers.get(op, ()))
-
-    def _ancestors(self, start):
-        return _reach(start, lambda op: [p for p, _ in self.inputs.get(op, ())])
+        downstream = _reach(_split(input_name)[0], lambda op: self.consumers.get(op, ()))
+        upstream = set().union(*(
+            _reach(op, lambda op: [p for p, _ in self.inputs[op]]) for op in self.outputs
+        ))
+        self.data_path = downstream & upstream
 
 
 def _split(tensor_name):
@@ -350,15 +366,16 @@ def _topological_order(inputs, control):
 
 def _scope_of(op_name):
     """Scope components of an op, without wrapper scopes; None for ops outside any layer."""
-    if op_name.startswith("Func/"):
+    parts = op_name.split("/")[:-1]
+    if "Func" in parts:  # identities at the boundary of an inlined function
         return None
-    parts = [p for p in op_name.split("/")[:-1] if not _WRAPPER.match(p)]
+    parts = [p for p in parts if not _WRAPPER.match(p)]
     return tuple(parts) if parts else None
 
 
 def _layer_ops(graph):
     """``{op: scope below the model's own scope}`` for the data-path ops inside a layer."""
-    scopes = {op: _scope_of(op) for op in graph.data_path}
+    scopes = {op: _scope_of(op) for op in sorted(graph.data_path, key=graph.order.get)}
     scopes = {op: s for op, s in scopes.items() if s}
     firsts = {s[0] for s in scopes.values()}
     if len(firsts) == 1 and any(len(s) > 1 for s in scopes.values()):
@@ -387,7 +404,7 @@ def _reader_scope(graph, const):
     stack = list(graph.consumers.get(const, ()))
     while stack:
         op = stack.pop(0)
-        if not op.startswith("Func/"):
+        if "Func" not in op.split("/")[:-1]:
             return _scope_of(op)
         stack.extend(graph.consumers.get(op, ()))
     return None
@@ -445,16 +462,15 @@ def _walk(scope, path, graph, strip, found):
         tensor = _scope_output(graph, set(child.all_ops()))
         if tensor is not None:
             op_type = BLOCK if block else _main_type(graph, child)
-            found.append(((graph.order[_split(tensor)[0]], block), "/".join(path + (name,)),
-                          op_type, tensor))
+            key = (graph.order[_split(tensor)[0]], -len(path))  # a block after its layers
+            found.append((key, "/".join(path + (name,)), op_type, tensor))
 
 
 def _scope_output(graph, ops):
-    """Last op of the scope whose output is used outside it (or is the graph output)."""
-    output_op, output_index = _split(graph.output_name)
+    """Last op of the scope whose output is used outside it (or is a graph output)."""
     for op in sorted(ops, key=graph.order.get, reverse=True):
-        if op == output_op:
-            return f"{op}:{output_index}"
+        if op in graph.outputs:
+            return f"{op}:{graph.outputs[op]}"
         used = [i for c in graph.consumers.get(op, ()) if c not in ops and c in graph.data_path
                 for p, i in graph.inputs[c] if p == op]
         if used:

@@ -20,6 +20,7 @@ Examples
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from pipeline.maximize import params as params_mod
 from pipeline.maximize import transforms as tr
 from pipeline.maximize._tf import tf
 from pipeline.maximize.objectives import LOGITS, Objective
+from tensorflow.python.framework import ops as tf_ops  # noqa: E402  (gradient registry, see _redirected_relu)
 
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
@@ -90,10 +92,14 @@ class Renderer:
         Pixels ``p`` in [0, 255] enter the model as ``p * a + b`` (``parse_scale(data.scale)``).
     size : int
         Image size for models that accept any size.
+    relu_redirect : bool
+        Lucid's redirected ReLU gradient: where a ReLU passes no gradient at all for an image
+        (the unit is silent on it, as on the grey start image), let through the part of the
+        gradient that would raise its input. Without it such units never move.
     """
 
     def __init__(self, model, objective, param=None, transform="standard", steps=256, learning_rate=0.05,
-                 scale=(1 / 255, 0.0), size=128):
+                 scale=(1 / 255, 0.0), size=128, relu_redirect=True):
         self.model = as_adapter(model)
         self.height, self.width, self.channels = input_size(self.model, size)
         self.param = param or params_mod.image(self.height, self.width, self.channels)
@@ -103,6 +109,7 @@ class Renderer:
         self.steps = int(steps)
         self.learning_rate = float(learning_rate)
         self.scale = (float(scale[0]), float(scale[1]))
+        self.relu_redirect = bool(relu_redirect)
         self._factory = (lambda targets: objective) if isinstance(objective, Objective) else objective
         self._extractors = {}
         self._compiled = tf.function(self._run, reduce_retracing=True)
@@ -157,7 +164,8 @@ class Renderer:
                 images = self.transform(self.param(raw), uniforms[i])
                 values = evaluate(images)
                 total = tf.reduce_sum(values)
-            grad = tape.gradient(total, raw, unconnected_gradients="zero")
+            with _redirected_relu(self.relu_redirect):
+                grad = tape.gradient(total, raw, unconnected_gradients="zero")
             t = tf.cast(i + 1, tf.float32)
             m = ADAM_BETA1 * m + (1 - ADAM_BETA1) * grad
             v = ADAM_BETA2 * v + (1 - ADAM_BETA2) * tf.square(grad)
@@ -171,6 +179,37 @@ class Renderer:
                                             (tf.constant(0), raw, zeros, zeros, trace), parallel_iterations=1)
         final = _rounded(self.param(raw))
         return final, evaluate(final), initial, trace.stack()
+
+
+def _redirected_relu_grad(op, grad):
+    """ReLU gradient, or, for an image whose ReLU output passes none, the part that would raise it."""
+    silent = op.outputs[0] <= 0.0  # the tape keeps only the output of a Relu op
+    relu_grad = tf.where(silent, tf.zeros_like(grad), grad)
+    redirected = tf.where(tf.logical_and(silent, grad < 0.0), tf.zeros_like(grad), grad)
+    batch = tf.shape(grad)[0]
+    passes = tf.reduce_any(tf.not_equal(tf.reshape(relu_grad, [batch, -1]), 0.0), axis=1)
+    passes = tf.reshape(passes, tf.concat([[batch], tf.ones([tf.rank(grad) - 1], tf.int32)], 0))
+    return tf.where(passes, relu_grad, redirected)
+
+
+@contextlib.contextmanager
+def _redirected_relu(enabled=True):
+    """While the backward graph is traced, use :func:`_redirected_relu_grad` for ``Relu`` ops.
+
+    TensorFlow 2 has no public way to override a built-in op's gradient inside a tape, so the
+    gradient registry entry is swapped for the duration of ``tape.gradient`` (trace time only)
+    and restored afterwards. If the registry is not where expected, nothing is changed.
+    """
+    registry = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
+    if not enabled or not isinstance(registry, dict) or "Relu" not in registry:
+        yield
+        return
+    original = registry["Relu"]
+    registry["Relu"] = dict(original, type=_redirected_relu_grad)
+    try:
+        yield
+    finally:
+        registry["Relu"] = original
 
 
 def _rounded(images):

@@ -3,6 +3,6 @@
 
 def all_stages():
     """Every available stage, in pipeline order."""
-    from pipeline.stages import extract
+    from pipeline.stages import cluster, extract
 
-    return [extract.STAGE]
+    return [extract.STAGE, cluster.STAGE]

@@ -1,0 +1,602 @@
+"""2-D embeddings of images and of neurons, and how faithful they are.
+
+Pure functions: arrays in, arrays or DataFrames out, no file I/O. The embed stage calls
+:func:`prepare_features` (or :func:`neuron_features` then :func:`prepare_features`), then
+:func:`embed`, scores the result with :func:`trustworthiness_sampled` / :func:`knn_accuracy`
+and stores :func:`image_embedding_table` / :func:`neuron_embedding_table` rows.
+
+Determinism: every random choice is seeded from ``random_state``, so the same inputs and seed
+give bit-identical outputs on the same machine and library versions.
+
+- openTSNE runs with ``n_jobs=1``. Its multithreaded runs repeated identically here, but a
+  result depends on the thread count (1 and 2 threads give different embeddings), so a fixed
+  single thread is the only setting that is reproducible whatever the machine's core count.
+  On our 2-core machine two threads were not faster anyway.
+- umap-learn is single-threaded whenever it is seeded (it overrides ``n_jobs`` itself).
+
+Heavy libraries (openTSNE, umap) are imported inside the functions that need them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+#: Fewer points than this and t-SNE/UMAP are not meaningful: a deterministic PCA layout is
+#: returned instead and the caller should record that the embedding is only a fallback.
+MIN_POINTS = 5
+
+METHODS = ("tsne", "umap")
+
+# openTSNE's own ``transform`` schedule for adding points to a fitted embedding (the defaults
+# of ``TSNEEmbedding.transform`` in openTSNE 1.0.4).
+_TSNE_PLACE = dict(n_iter=250, learning_rate=0.1, exaggeration=1.5, momentum=0.8,
+                   max_grad_norm=0.25)
+_TSNE_PLACE_PERPLEXITY = 5.0
+_TSNE_PLACE_K = 25
+
+# Relative spread below which a float32 column is constant up to round-off.
+_REL_EPS = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# seeds and sampling
+# --------------------------------------------------------------------------------------------
+
+def _seed(random_state) -> int:
+    """One integer seed from a scikit-learn style ``random_state``.
+
+    Ints pass through unchanged so ``random_state=0`` is the library's own seed 0; a
+    ``RandomState``/``Generator`` is consumed once; ``None`` gives a fresh, unrepeatable seed.
+    """
+    if isinstance(random_state, (int, np.integer)):
+        return int(random_state)
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(np.iinfo(np.int32).max))
+    from sklearn.utils import check_random_state
+
+    return int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+
+
+def _split_sample(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of a seeded sample of ``size`` out of ``n``, and the sorted rest."""
+    chosen = np.zeros(n, dtype=bool)
+    chosen[np.random.default_rng(seed).permutation(n)[:size]] = True
+    return np.flatnonzero(chosen), np.flatnonzero(~chosen)
+
+
+def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive pieces of at most ``size`` indices."""
+    size = max(1, int(size))
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+# --------------------------------------------------------------------------------------------
+# features
+# --------------------------------------------------------------------------------------------
+
+def _informative_columns(x: np.ndarray) -> np.ndarray:
+    """Mask of columns that are finite everywhere and not constant."""
+    finite = np.isfinite(x).all(axis=0)
+    safe = np.where(finite, x, 0)
+    mean = safe.mean(axis=0, dtype=np.float64)
+    std = safe.std(axis=0, dtype=np.float64)
+    # float32 reductions of a constant can leave a round-off spread; that is not signal
+    return finite & (std > _REL_EPS * np.maximum(np.abs(mean), 1e-30))
+
+
+def _zscore_columns(x: np.ndarray) -> np.ndarray:
+    """Columns standardised to mean 0, std 1 (statistics in float64, data kept float32)."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    return ((x - mean.astype(np.float32)) / std.astype(np.float32)).astype(np.float32, copy=False)
+
+
+def _pca(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """Leading principal components of ``x`` (rows are samples), seeded.
+
+    The exact solver is cheap for small matrices and when most components are kept; the
+    randomized one is used otherwise and is deterministic given the seed.
+    """
+    from sklearn.decomposition import PCA
+
+    small = min(x.shape)
+    solver = "full" if small <= 500 or n_components >= 0.8 * small else "randomized"
+    pca = PCA(n_components=n_components, svd_solver=solver, random_state=seed)
+    return pca.fit_transform(x).astype(np.float32, copy=False)
+
+
+def prepare_features(x, pca=50, random_state=0) -> np.ndarray:
+    """Clean, standardise and PCA-reduce a feature matrix for embedding.
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+        Activations (one row per image, or per neuron for neuron embeddings).
+    pca : int or None, default=50
+        Maximum number of principal components. ``None`` or 0 skips PCA.
+    random_state : int, RandomState instance or None, default=0
+        Seeds the randomized PCA solver.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, n_components), float32
+        ``n_components = min(pca, n_informative_features, n_samples - 1)``. Columns with any
+        non-finite value and constant columns are dropped first. With fewer than 3 samples
+        this is what is possible: 1 sample gives 0 columns (everything is constant), 2 samples
+        give at most 1 column. When PCA would keep every column, the standardised columns are
+        returned as they are (PCA would only rotate them).
+
+    Examples
+    --------
+    >>> x = np.c_[np.arange(10.0), np.ones(10), np.arange(10.0) ** 2]
+    >>> prepare_features(x, pca=50).shape
+    (10, 2)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array (n_samples, n_features), got shape {x.shape}")
+    x = _zscore_columns(x[:, _informative_columns(x)])
+    n, d = x.shape
+    n_components = min(pca or d, d, max(n - 1, 0))
+    if n_components == d:
+        return np.ascontiguousarray(x)
+    if n_components == 0:
+        return np.zeros((n, 0), dtype=np.float32)
+    return _pca(x, n_components, _seed(random_state))
+
+
+def neuron_features(acts, max_images=5000, random_state=0) -> tuple[np.ndarray, np.ndarray]:
+    """Per-neuron response profiles, the input of a neuron embedding.
+
+    Parameters
+    ----------
+    acts : array-like of shape (n_images, n_units)
+        One reduced activation (e.g. spatial mean) per image and unit.
+    max_images : int, default=5000
+        When there are more images, a seeded sample of this many is used. The feature
+        dimension of a neuron is the number of images, so this bounds memory and the PCA that
+        follows; a few thousand images already pin down how units co-vary.
+    random_state : int, RandomState instance or None, default=0
+        Seeds the image sample.
+
+    Returns
+    -------
+    features : ndarray of shape (n_units, min(n_images, max_images)), float32
+        Each unit's responses z-scored over the images. Rows of excluded units are zeros.
+    keep_mask : ndarray of shape (n_units,), bool
+        False for units that are constant (dead) or have a non-finite response: their
+        correlation with other units is undefined, so the caller must drop them
+        (``features[keep_mask]``, channels ``np.flatnonzero(keep_mask)``).
+
+    Examples
+    --------
+    >>> acts = np.c_[np.arange(6.0), np.zeros(6), np.arange(6.0) % 2]
+    >>> features, keep = neuron_features(acts)
+    >>> features.shape, keep.tolist()
+    ((3, 6), [True, False, True])
+    """
+    acts = np.asarray(acts, dtype=np.float32)
+    if acts.ndim != 2:
+        raise ValueError(f"expected activations of shape (n_images, n_units), got {acts.shape}")
+    if acts.shape[0] > max_images:
+        rows, _ = _split_sample(acts.shape[0], max_images, _seed(random_state))
+        acts = acts[rows]
+    keep = _informative_columns(acts)
+    features = np.zeros(acts.shape[::-1], dtype=np.float32)
+    features[keep] = _zscore_columns(acts[:, keep]).T
+    return features, keep
+
+
+# --------------------------------------------------------------------------------------------
+# fallback for tiny inputs
+# --------------------------------------------------------------------------------------------
+
+def _leading_2d(x: np.ndarray, seed: int) -> np.ndarray:
+    """First two principal components, zero-padded to 2 columns (deterministic)."""
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    n, d = x.shape
+    n_components = min(2, d, max(n - 1, 0))
+    xy = np.zeros((n, 2), dtype=np.float32)
+    if n_components > 0:
+        xy[:, :n_components] = _pca(x, n_components, seed)
+    return xy
+
+
+def fallback_2d(x, random_state=0) -> np.ndarray:
+    """The layout returned instead of t-SNE/UMAP when there are fewer than ``MIN_POINTS``.
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+    random_state : int, RandomState instance or None, default=0
+        Only used by PCA on large inputs; tiny inputs use the exact solver.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2), float32
+        The first two principal components, zero-padded (one point sits at the origin).
+    """
+    return _leading_2d(x, _seed(random_state))
+
+
+# --------------------------------------------------------------------------------------------
+# t-SNE (openTSNE)
+# --------------------------------------------------------------------------------------------
+
+def _clamp_perplexity(perplexity: float, n: int) -> float:
+    # openTSNE needs about 3 * perplexity neighbours per point
+    return float(max(1.0, min(perplexity, (n - 1) / 3)))
+
+
+def _tsne_init(x: np.ndarray, seed: int) -> np.ndarray:
+    """openTSNE's PCA initialisation, also valid for 1-D input and coincident points."""
+    from openTSNE import initialization
+
+    init = _leading_2d(x, seed).astype(np.float64)
+    if not np.std(init[:, 0]) > 0:
+        return initialization.random(len(x), 2, random_state=seed)
+    init = initialization.jitter(init, scale=0.01, random_state=seed)
+    return initialization.rescale(init)
+
+
+def _tsne_fit(x: np.ndarray, seed: int, perplexity: float):
+    """A fitted ``openTSNE.TSNEEmbedding`` of all rows of ``x``."""
+    from openTSNE import TSNE
+
+    tsne = TSNE(n_components=2, perplexity=_clamp_perplexity(perplexity, len(x)),
+                negative_gradient_method="fft", n_jobs=1, random_state=seed, verbose=False)
+    return tsne.fit(x, initialization=_tsne_init(x, seed))
+
+
+def _tsne_place(reference, x_new: np.ndarray) -> np.ndarray:
+    """Positions of new points in a fitted embedding, which itself stays fixed.
+
+    ``prepare_partial`` + ``optimize`` with the schedule of ``TSNEEmbedding.transform``: the
+    same quality, but ``transform`` also re-centres the reference embedding in place, which
+    would shift points already placed by earlier chunks.
+    """
+    perplexity = _clamp_perplexity(_TSNE_PLACE_PERPLEXITY, reference.shape[0] + 1)
+    partial = reference.prepare_partial(x_new, initialization="median", k=_TSNE_PLACE_K,
+                                        perplexity=perplexity)
+    return np.asarray(partial.optimize(**_TSNE_PLACE, inplace=True), dtype=np.float32)
+
+
+def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None) -> np.ndarray:
+    """2-D t-SNE (openTSNE, FFT gradients, PCA initialisation), deterministic given the seed.
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+        Usually the output of :func:`prepare_features`.
+    random_state : int, RandomState instance or None, default=0
+    perplexity : float, default=30.0
+        Clamped to ``max(1, min(perplexity, (n - 1) / 3))`` so small inputs work.
+    max_fit : int, default=10000
+        Above this many points t-SNE is fitted on a seeded sample of ``max_fit`` points and
+        the rest are placed into that fixed embedding with openTSNE's ``prepare_partial`` +
+        ``optimize`` (the schedule of ``transform``), ``chunk_size`` points at a time so memory
+        stays bounded. Fitting 10k and placing 40k matched a full fit's trustworthiness.
+    chunk_size : int, optional
+        Points placed per chunk; defaults to ``max_fit``.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2), float32
+        With fewer than ``MIN_POINTS`` points openTSNE is not called and :func:`fallback_2d`
+        is returned: the caller should record that t-SNE was not meaningful.
+
+    Notes
+    -----
+    Runs single-threaded (``n_jobs=1``): openTSNE's result depends on the thread count.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    seed = _seed(random_state)
+    if len(x) < MIN_POINTS:
+        return _leading_2d(x, seed)
+    if len(x) <= max_fit:
+        return np.asarray(_tsne_fit(x, seed, perplexity), dtype=np.float32)
+    fit_rows, rest = _split_sample(len(x), max_fit, seed)
+    reference = _tsne_fit(x[fit_rows], seed, perplexity)
+    xy = np.empty((len(x), 2), dtype=np.float32)
+    xy[fit_rows] = np.asarray(reference, dtype=np.float32)
+    for rows in _chunks(rest, chunk_size or max_fit):
+        xy[rows] = _tsne_place(reference, x[rows])
+    return xy
+
+
+# --------------------------------------------------------------------------------------------
+# UMAP (umap-learn)
+# --------------------------------------------------------------------------------------------
+
+def _default_numba_cache_dir() -> None:
+    """Point numba's on-disk JIT cache at a user folder unless the user chose one.
+
+    Only effective before numba is first imported (numba reads it at import time).
+    """
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    path = Path.home() / ".cache" / "pipeline-numba"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return  # unwritable home: numba keeps its default (next to the package, or none)
+    os.environ["NUMBA_CACHE_DIR"] = str(path)
+
+
+def _import_umap():
+    """``umap.umap_.UMAP`` without importing TensorFlow.
+
+    ``umap/__init__.py`` imports ``parametric_umap``, which imports TensorFlow (seconds, and
+    GBs of RAM). When TensorFlow is not loaded yet it is hidden for the duration of the import:
+    umap then falls back to its placeholder ``ParametricUMAP`` (not used here) and TensorFlow
+    stays importable afterwards. A thread importing TensorFlow during that window would fail.
+    """
+    _default_numba_cache_dir()
+    hide = "tensorflow" not in sys.modules
+    if hide:
+        sys.modules["tensorflow"] = None  # makes ``import tensorflow`` raise ImportError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from umap.umap_ import UMAP
+    finally:
+        if hide and sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+    return UMAP
+
+
+def _umap_model(n_neighbors: int, seed: int):
+    UMAP = _import_umap()
+    # n_jobs=1 explicitly: a seed forces it anyway, and umap warns when it has to override it
+    return UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, transform_seed=seed,
+                n_jobs=1)
+
+
+def umap_2d(x, random_state=0, n_neighbors=15, max_fit=10000, chunk_size=None) -> np.ndarray:
+    """2-D UMAP (umap-learn), deterministic given the seed.
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+        Usually the output of :func:`prepare_features`.
+    random_state : int, RandomState instance or None, default=0
+        Seeds the fit and ``transform`` (seeded UMAP is single-threaded by design).
+    n_neighbors : int, default=15
+        Clamped to ``n_fit - 1`` (and at least 2) for small inputs.
+    max_fit : int, default=10000
+        Above this many points UMAP is fitted on a seeded sample of ``max_fit`` points and the
+        rest are placed with ``UMAP.transform``, ``chunk_size`` points at a time.
+    chunk_size : int, optional
+        Points transformed per chunk; defaults to ``max_fit``.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2), float32
+        With fewer than ``MIN_POINTS`` points umap is not called and :func:`fallback_2d` is
+        returned.
+
+    Notes
+    -----
+    The first call in a process compiles numba code (tens of seconds); call
+    :func:`warm_up_umap` once up front so the cost is not charged to the first layer.
+    """
+    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    seed = _seed(random_state)
+    if len(x) < MIN_POINTS:
+        return _leading_2d(x, seed)
+    n_fit = min(len(x), max_fit)
+    model = _umap_model(max(2, min(n_neighbors, n_fit - 1)), seed)
+    if len(x) <= max_fit:
+        return np.asarray(model.fit_transform(x), dtype=np.float32)
+    fit_rows, rest = _split_sample(len(x), max_fit, seed)
+    xy = np.empty((len(x), 2), dtype=np.float32)
+    xy[fit_rows] = model.fit_transform(x[fit_rows])
+    for rows in _chunks(rest, chunk_size or max_fit):
+        xy[rows] = model.transform(x[rows])
+    return xy
+
+
+def warm_up_umap() -> float:
+    """Compile umap's numba code once per process, on tiny data.
+
+    Sets ``NUMBA_CACHE_DIR`` to ``~/.cache/pipeline-numba`` if unset, so functions numba can
+    cache are also kept on disk across runs. Both neighbour paths are exercised: exact (fits
+    of fewer than 4096 points) and NN-descent (larger fits), each with a ``transform``.
+
+    Returns
+    -------
+    float
+        Seconds spent (import + compilation), for the progress log.
+    """
+    start = time.perf_counter()
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    UMAP = _import_umap()
+    for approximate in (False, True):
+        model = UMAP(n_neighbors=5, n_epochs=5, random_state=0, n_jobs=1,
+                     force_approximation_algorithm=approximate)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tiny data: spectral-init and size warnings
+            model.fit(x[:30])
+            model.transform(x[30:])
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------
+
+def embed(x, method, **kw) -> np.ndarray:
+    """2-D embedding of ``x`` with ``method`` ("tsne" or "umap").
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+    method : {"tsne", "umap"}
+    **kw
+        Passed to :func:`tsne_2d` or :func:`umap_2d` (e.g. ``random_state``, ``max_fit``).
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2), float32
+    """
+    functions = {"tsne": tsne_2d, "umap": umap_2d}
+    if method not in functions:
+        raise ValueError(f"unknown embedding method {method!r}: expected one of {list(METHODS)}")
+    return functions[method](x, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# quality scores
+# --------------------------------------------------------------------------------------------
+
+def trustworthiness_sampled(x_high, y_low, n_neighbors=10, sample=2000, random_state=0) -> float:
+    """How well the embedding keeps neighbours, on a seeded sample of points.
+
+    Parameters
+    ----------
+    x_high : array-like of shape (n_samples, n_features)
+        The embedded features.
+    y_low : array-like of shape (n_samples, 2)
+        The embedding.
+    n_neighbors : int, default=10
+    sample : int, default=2000
+        At most this many points are scored (the exact score is quadratic in N).
+    random_state : int, RandomState instance or None, default=0
+        Seeds the sample.
+
+    Returns
+    -------
+    float
+        ``sklearn.manifold.trustworthiness`` in [0, 1] (1 = no false neighbours), or NaN when
+        the sample is too small for it (``n_neighbors >= n / 2``).
+    """
+    from sklearn.manifold import trustworthiness
+
+    x_high, y_low = np.asarray(x_high), np.asarray(y_low)
+    n = len(x_high)
+    if len(y_low) != n:
+        raise ValueError(f"x_high has {n} rows but y_low has {len(y_low)}")
+    if n > sample:
+        rows, _ = _split_sample(n, sample, _seed(random_state))
+        x_high, y_low = x_high[rows], y_low[rows]
+    if n_neighbors >= len(x_high) / 2:
+        return float("nan")
+    return float(trustworthiness(x_high, y_low, n_neighbors=n_neighbors))
+
+
+def _loo_knn_accuracy(y: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Leave-one-out kNN accuracy: each point voted on by its k nearest other points."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    k = min(k, len(y) - 1)
+    _, neighbours = KNeighborsClassifier(n_neighbors=k).fit(y, labels).kneighbors()
+    votes = labels[neighbours]
+    classes = np.unique(labels)
+    counts = (votes[:, :, None] == classes).sum(axis=1)
+    return float(np.mean(classes[counts.argmax(axis=1)] == labels))
+
+
+def knn_accuracy(y_low, labels, k=5, random_state=0) -> float:
+    """Cross-validated k-nearest-neighbour class accuracy in the embedding.
+
+    Parameters
+    ----------
+    y_low : array-like of shape (n_samples, 2)
+    labels : array-like of shape (n_samples,) or None
+        Integer class labels; negative values mean unlabelled and are ignored.
+    k : int, default=5
+        Clamped to the size of the training fold.
+    random_state : int, RandomState instance or None, default=0
+        Seeds the fold shuffling.
+
+    Returns
+    -------
+    float
+        Mean accuracy over stratified folds (5, or as many as the rarest class allows). When
+        a class has a single member, leave-one-out kNN instead. NaN without labels or with
+        fewer than 2 classes.
+    """
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    if labels is None:
+        return float("nan")
+    labels = np.asarray(labels).astype(np.int64)
+    y_low = np.asarray(y_low)
+    labelled = labels >= 0
+    y_low, labels = y_low[labelled], labels[labelled]
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        return float("nan")
+    n_splits = min(5, counts.min())
+    if n_splits < 2:
+        return _loo_knn_accuracy(y_low, labels, k)
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=_seed(random_state))
+    n_train = len(labels) - int(np.ceil(len(labels) / n_splits))
+    classifier = KNeighborsClassifier(n_neighbors=max(1, min(k, n_train)))
+    return float(cross_val_score(classifier, y_low, labels, cv=folds).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# tables (run-directory contract: embeddings/images.parquet, embeddings/neurons.parquet)
+# --------------------------------------------------------------------------------------------
+
+def _xy(xy) -> np.ndarray:
+    xy = np.asarray(xy, dtype=np.float32)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"expected embedding coordinates of shape (n, 2), got {xy.shape}")
+    return xy
+
+
+def image_embedding_table(layer, method, xy, index=None) -> pd.DataFrame:
+    """Rows of ``embeddings/images.parquet`` for one layer and method.
+
+    Parameters
+    ----------
+    layer : str
+    method : str
+    xy : array-like of shape (n_images, 2)
+    index : array-like of shape (n_images,), optional
+        Image indices (``dataset.parquet`` ``index``); defaults to ``0 .. n_images - 1``.
+
+    Returns
+    -------
+    DataFrame
+        Columns ``layer, method, index, x, y``.
+    """
+    xy = _xy(xy)
+    index = np.arange(len(xy)) if index is None else np.asarray(index)
+    if len(index) != len(xy):
+        raise ValueError(f"{len(index)} image indices for {len(xy)} embedded points")
+    return pd.DataFrame({"layer": str(layer), "method": str(method),
+                         "index": index.astype(np.int64), "x": xy[:, 0], "y": xy[:, 1]})
+
+
+def neuron_embedding_table(layer, method, xy, channels) -> pd.DataFrame:
+    """Rows of ``embeddings/neurons.parquet`` for one layer and method.
+
+    Parameters
+    ----------
+    layer : str
+    method : str
+    xy : array-like of shape (n_units, 2)
+    channels : array-like of shape (n_units,)
+        Channel numbers of the embedded units (e.g. ``np.flatnonzero(keep_mask)``).
+
+    Returns
+    -------
+    DataFrame
+        Columns ``layer, method, channel, x, y``.
+    """
+    xy = _xy(xy)
+    channels = np.asarray(channels)
+    if len(channels) != len(xy):
+        raise ValueError(f"{len(channels)} channels for {len(xy)} embedded points")
+    return pd.DataFrame({"layer": str(layer), "method": str(method),
+                         "channel": channels.astype(np.int64), "x": xy[:, 0], "y": xy[:, 1]})

@@ -1,0 +1,90 @@
+"""Cluster stage, runner side: neuron clusters, per-unit and per-cluster tables, per-layer figures.
+
+Writes ``clusters.parquet`` (one row per neuron), ``cluster_summary.parquet`` (one row per
+cluster, with its centroid direction) and ``layers.parquet`` (separability per layer and the CKA
+matrix between layers). Activations are read in row chunks; nothing holds all of them at once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.runner import Stage
+from pipeline.stages.activations import chunker, layer_array, open_activations
+
+
+def _params(cfg):
+    return {"cluster": cfg.cluster.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def cluster_layer(chunks, n_images, image_labels, cfg):
+    """Cluster one layer's units; returns (per-unit table, per-cluster table, clusterer, notes)."""
+    from pipeline.neurons import (NeuronClusterer, bootstrap_stability, cluster_summary,
+                                  correlation_streaming, dead_units, unit_summary)
+
+    c = cfg.cluster
+    corr, stats = correlation_streaming(chunks)
+    dead = dead_units(stats)
+    clusterer = NeuronClusterer(method=c.method, n_clusters=c.n_clusters, random_state=cfg.seed)
+    labels = clusterer.fit_predict(corr)
+    units = unit_summary(chunks, image_labels, top_k=c.top_k)
+    units.insert(1, "cluster", labels)
+    units.insert(2, "dead", dead)
+    units["stability"] = np.nan
+    summary = cluster_summary(chunks, corr, labels, stats, image_labels=image_labels, top_k=c.top_k)
+    summary["stability"] = np.nan
+    notes = [clusterer.note_] if getattr(clusterer, "note_", "") else []
+    if c.bootstrap and (~dead).sum() >= 3 and n_images >= 3 and len(summary) > 1:
+        stab = bootstrap_stability(chunks, clusterer, n_images, n_boot=c.bootstrap, random_state=cfg.seed)
+        units["stability"] = stab.per_unit(labels)
+        summary["stability"] = [stab.cluster[k] if 0 <= k < len(stab.cluster) else np.nan
+                                for k in summary["cluster"]]
+        summary.attrs["mean_ari"] = stab.mean_ari
+    return units, summary, clusterer, notes
+
+
+def run(ctx):
+    from pipeline.layerstats import cka_matrix, layer_figures, layer_table
+
+    cfg, store = ctx.cfg, ctx.store
+    root, names, infos = open_activations(store)
+    dataset = store.read_table("dataset.parquet")
+    labels = dataset["label"].to_numpy()
+    image_labels = labels if (labels >= 0).any() else None
+    n = len(dataset)
+    unit_tables, cluster_tables, figures = [], [], {}
+    for layer in names:
+        arr = layer_array(root, infos[layer], cfg.cluster.reduction)
+        units, summary, clusterer, notes = cluster_layer(chunker(arr), n, image_labels, cfg)
+        for note in notes:
+            ctx.log(f"cluster: {layer}: {note}")
+        if units["dead"].all():
+            ctx.log(f"cluster: {layer}: every unit is dead (constant or NaN); no clusters")
+        units.insert(0, "layer", layer)
+        summary.insert(0, "layer", layer)
+        summary["mean_ari"] = summary.attrs.get("mean_ari", np.nan)
+        unit_tables.append(units)
+        cluster_tables.append(summary)
+        figures[layer] = layer_figures(arr, image_labels, dead=units["dead"].to_numpy(),
+                                       clusters=units["cluster"].to_numpy(), random_state=cfg.seed)
+        figures[layer]["silhouette_k"] = float(getattr(clusterer, "silhouette_", np.nan) or np.nan)
+        ctx.log(f"cluster: {layer}: {int((~units['dead']).sum())} live units in "
+                f"{figures[layer]['n_clusters']} clusters, probe accuracy "
+                f"{figures[layer]['probe_accuracy']:.3f}")
+    arrays = [layer_array(root, infos[l], cfg.cluster.reduction) for l in names]
+    cka = cka_matrix(chunker(arrays)) if len(names) > 1 and n > 3 else None
+    table = layer_table(figures, cka)
+    table["silhouette_k"] = [figures[l]["silhouette_k"] for l in table["layer"]]
+    store.write_table("clusters.parquet", pd.concat(unit_tables, ignore_index=True))
+    store.write_table("cluster_summary.parquet", pd.concat(cluster_tables, ignore_index=True))
+    store.write_table("layers.parquet", table)
+    return {"layers": len(names), "clusters": int(sum(len(t) for t in cluster_tables)),
+            "probe_accuracy": {l: _num(figures[l]["probe_accuracy"]) for l in names}}
+
+
+def _num(x):
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+STAGE = Stage(name="cluster", deps=("extract",), params=_params,
+              outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1")
