@@ -8,10 +8,10 @@ and stores :func:`image_embedding_table` / :func:`neuron_embedding_table` rows.
 Determinism: every random choice is seeded from ``random_state``, so the same inputs and seed
 give bit-identical outputs on the same machine and library versions.
 
-- openTSNE runs with ``n_jobs=1``. Its multithreaded runs repeated identically here, but a
-  result depends on the thread count (1 and 2 threads give different embeddings), so a fixed
-  single thread is the only setting that is reproducible whatever the machine's core count.
-  On our 2-core machine two threads were not faster anyway.
+- openTSNE runs with ``n_jobs=1``. Measured here: repeated runs were identical at 1 and 2
+  threads, but Barnes-Hut results depend on the thread count (1 and 2 threads differ), so one
+  fixed thread is the only setting reproducible whatever the machine's core count; two
+  threads also cost 3-4x the CPU for no speed-up on our 2-core machine.
 - umap-learn is single-threaded whenever it is seeded (it overrides ``n_jobs`` itself).
 
 Heavy libraries (openTSNE, umap) are imported inside the functions that need them.
@@ -32,6 +32,9 @@ import pandas as pd
 MIN_POINTS = 5
 
 METHODS = ("tsne", "umap")
+
+#: t-SNE uses FFT-interpolated gradients from this many fitted points, Barnes-Hut below.
+FFT_FROM = 10_000
 
 # openTSNE's own ``transform`` schedule for adding points to a fitted embedding (the defaults
 # of ``TSNEEmbedding.transform`` in openTSNE 1.0.4).
@@ -245,12 +248,21 @@ def _tsne_init(x: np.ndarray, seed: int) -> np.ndarray:
     return initialization.rescale(init)
 
 
-def _tsne_fit(x: np.ndarray, seed: int, perplexity: float):
+def _gradient_method(n: int, requested: str | None) -> str:
+    # FFT interpolation costs a fixed grid per iteration: 8 s of CPU for 300 points where
+    # Barnes-Hut takes 0.6 s; it only wins from about 10k points (openTSNE's own "auto" rule)
+    if requested is not None:
+        return requested
+    return "fft" if n >= FFT_FROM else "bh"
+
+
+def _tsne_fit(x: np.ndarray, seed: int, perplexity: float, gradient: str | None):
     """A fitted ``openTSNE.TSNEEmbedding`` of all rows of ``x``."""
     from openTSNE import TSNE
 
     tsne = TSNE(n_components=2, perplexity=_clamp_perplexity(perplexity, len(x)),
-                negative_gradient_method="fft", n_jobs=1, random_state=seed, verbose=False)
+                negative_gradient_method=_gradient_method(len(x), gradient), n_jobs=1,
+                random_state=seed, verbose=False)
     return tsne.fit(x, initialization=_tsne_init(x, seed))
 
 
@@ -267,8 +279,9 @@ def _tsne_place(reference, x_new: np.ndarray) -> np.ndarray:
     return np.asarray(partial.optimize(**_TSNE_PLACE, inplace=True), dtype=np.float32)
 
 
-def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None) -> np.ndarray:
-    """2-D t-SNE (openTSNE, FFT gradients, PCA initialisation), deterministic given the seed.
+def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None,
+            negative_gradient_method=None) -> np.ndarray:
+    """2-D t-SNE (openTSNE, PCA initialisation), deterministic given the seed.
 
     Parameters
     ----------
@@ -284,6 +297,9 @@ def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None) 
         stays bounded. Fitting 10k and placing 40k matched a full fit's trustworthiness.
     chunk_size : int, optional
         Points placed per chunk; defaults to ``max_fit``.
+    negative_gradient_method : {"fft", "bh"}, optional
+        Default: FFT interpolation when t-SNE is fitted on at least ``FFT_FROM`` (10,000)
+        points, Barnes-Hut below, where FFT's fixed grid cost makes it ~10x slower.
 
     Returns
     -------
@@ -300,9 +316,10 @@ def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None) 
     if len(x) < MIN_POINTS:
         return _leading_2d(x, seed)
     if len(x) <= max_fit:
-        return np.asarray(_tsne_fit(x, seed, perplexity), dtype=np.float32)
+        return np.asarray(_tsne_fit(x, seed, perplexity, negative_gradient_method),
+                          dtype=np.float32)
     fit_rows, rest = _split_sample(len(x), max_fit, seed)
-    reference = _tsne_fit(x[fit_rows], seed, perplexity)
+    reference = _tsne_fit(x[fit_rows], seed, perplexity, negative_gradient_method)
     xy = np.empty((len(x), 2), dtype=np.float32)
     xy[fit_rows] = np.asarray(reference, dtype=np.float32)
     for rows in _chunks(rest, chunk_size or max_fit):

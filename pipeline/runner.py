@@ -42,6 +42,9 @@ class Stage:
         ``inputs(cfg) -> dict``: hashes of external files the stage reads (model, dataset).
     version : str
         Bumped when the stage's code changes its results.
+    modules : tuple of str
+        Modules whose source is hashed into the code version (besides the stage's own), so an
+        edited algorithm makes its stage stale without anyone remembering to bump ``version``.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Stage:
     run: Callable
     inputs: Callable = lambda cfg: {}
     version: str = "1"
+    modules: tuple = ()
 
 
 @dataclass
@@ -131,7 +135,7 @@ class Runner:
         return {
             "params_hash": hash_json(stage.params(self.cfg)),
             "input_hashes": inputs,
-            "code_version": f"{__version__}/{stage.version}",
+            "code_version": f"{__version__}/{stage.version}/{_source_hash(stage)}",
         }
 
     def fingerprint(self, stage) -> str:
@@ -228,6 +232,17 @@ class Runner:
             status, reason = self.state(stage, manifest)
             lines.append(f"{stage.name:<9} {status:<8} {reason}")
         return lines
+
+
+def _source_hash(stage) -> str:
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in (stage.run.__module__, *stage.modules):
+        spec = importlib.util.find_spec(name)
+        if spec and spec.origin and os.path.exists(spec.origin):
+            h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:8]
 
 
 def _now() -> str:

@@ -68,13 +68,17 @@ def run(ctx):
         figures[layer] = layer_figures(arr, image_labels, dead=units["dead"].to_numpy(),
                                        clusters=units["cluster"].to_numpy(), random_state=cfg.seed)
         figures[layer]["silhouette_k"] = float(getattr(clusterer, "silhouette_", np.nan) or np.nan)
+        curve = getattr(clusterer, "silhouette_curve_", None) or {}
+        figures[layer]["k_tried"] = [int(k) for k in curve]
+        figures[layer]["silhouette_curve"] = [float(v) for v in curve.values()]
         ctx.log(f"cluster: {layer}: {int((~units['dead']).sum())} live units in "
                 f"{figures[layer]['n_clusters']} clusters, probe accuracy "
                 f"{figures[layer]['probe_accuracy']:.3f}")
     arrays = [layer_array(root, infos[l], cfg.cluster.reduction) for l in names]
     cka = cka_matrix(chunker(arrays)) if len(names) > 1 and n > 3 else None
     table = layer_table(figures, cka)
-    table["silhouette_k"] = [figures[l]["silhouette_k"] for l in table["layer"]]
+    for col in ("silhouette_k", "k_tried", "silhouette_curve"):
+        table[col] = [figures[l][col] for l in table["layer"]]
     store.write_table("clusters.parquet", pd.concat(unit_tables, ignore_index=True))
     store.write_table("cluster_summary.parquet", pd.concat(cluster_tables, ignore_index=True))
     store.write_table("layers.parquet", table)
@@ -87,4 +91,5 @@ def _num(x):
 
 
 STAGE = Stage(name="cluster", deps=("extract",), params=_params,
-              outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1")
+              outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1",
+              modules=("pipeline.neurons", "pipeline.layerstats", "pipeline.stages.activations"))

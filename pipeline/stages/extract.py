@@ -184,4 +184,6 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
 
 
 STAGE = Stage(name="extract", deps=(), params=_params, inputs=_inputs,
-              outputs=("dataset.parquet", "skipped.csv", ZARR), run=run, version="1")
+              outputs=("dataset.parquet", "skipped.csv", ZARR), run=run, version="1",
+              modules=("pipeline.forward", "pipeline.dataset", "pipeline.images", "pipeline.models",
+                       "pipeline.savedmodel"))
