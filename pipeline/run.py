@@ -17,6 +17,7 @@ TABLES = {
     "layers": "layers.parquet",
     "image_embeddings": "embeddings/images.parquet",
     "neuron_embeddings": "embeddings/neurons.parquet",
+    "embedding_quality": "embeddings/quality.parquet",
     "maximize": "maximize/index.parquet",
 }
 

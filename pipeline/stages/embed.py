@@ -1,0 +1,98 @@
+"""Embed stage, runner side: t-SNE and UMAP maps of images and of neurons, per layer, with quality.
+
+Writes ``embeddings/images.parquet`` (layer, method, index, x, y), ``embeddings/neurons.parquet``
+(layer, method, channel, x, y) and ``embeddings/quality.parquet`` (layer, of, method,
+trustworthiness, knn_accuracy, n_points, fallback).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from pipeline.runner import Stage
+from pipeline.stages.activations import layer_array, open_activations
+
+
+def _params(cfg):
+    return {"embed": cfg.embed.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def _embed_one(features, method, cfg):
+    from pipeline import embedding as E
+
+    e = cfg.embed
+    kw = {"random_state": cfg.seed, "max_fit": e.max_fit}
+    kw.update({"perplexity": e.perplexity} if method == "tsne" else {"n_neighbors": e.n_neighbors})
+    return E.embed(features, method, **kw)
+
+
+def _quality(features, xy, labels, cfg, of, method, layer):
+    from pipeline import embedding as E
+
+    return {"layer": layer, "of": of, "method": method, "n_points": len(xy),
+            "fallback": len(xy) < E.MIN_POINTS,
+            "trustworthiness": E.trustworthiness_sampled(features, xy, random_state=cfg.seed),
+            "knn_accuracy": E.knn_accuracy(xy, labels, random_state=cfg.seed) if labels is not None else np.nan}
+
+
+def embed_layer(acts, layer, labels, cfg):
+    """All configured embeddings of one layer: (image rows, neuron rows, quality rows)."""
+    from pipeline import embedding as E
+
+    e = cfg.embed
+    images, neurons, quality = [], [], []
+    if "images" in e.of:
+        feats = E.prepare_features(acts, pca=e.pca, random_state=cfg.seed)
+        for method in e.methods:
+            xy = _embed_one(feats, method, cfg)
+            images.append(E.image_embedding_table(layer, method, xy))
+            quality.append(_quality(feats, xy, labels, cfg, "images", method, layer))
+    if "neurons" in e.of:
+        profiles, keep = E.neuron_features(acts, random_state=cfg.seed)
+        channels = np.flatnonzero(keep)
+        if len(channels):
+            feats = E.prepare_features(profiles[keep], pca=e.pca, random_state=cfg.seed)
+            for method in e.methods:
+                xy = _embed_one(feats, method, cfg)
+                neurons.append(E.neuron_embedding_table(layer, method, xy, channels))
+                quality.append(_quality(feats, xy, None, cfg, "neurons", method, layer))
+    return images, neurons, quality
+
+
+def run(ctx):
+    from pipeline import embedding as E
+
+    cfg, store = ctx.cfg, ctx.store
+    root, names, infos = open_activations(store)
+    labels = store.read_table("dataset.parquet")["label"].to_numpy()
+    labels = labels if (labels >= 0).any() else None
+    if "umap" in cfg.embed.methods:
+        ctx.log(f"embed: UMAP start-up (numba compilation, once per process) took {E.warm_up_umap():.1f} s")
+    images, neurons, quality = [], [], []
+    for layer in names:
+        # Pooled activations (N, C) fit in memory; the per-image maps never are loaded here.
+        acts = np.asarray(layer_array(root, infos[layer], "mean")[:], dtype=np.float32)
+        im, ne, q = embed_layer(acts, layer, labels, cfg)
+        images += im
+        neurons += ne
+        quality += q
+        for row in q:
+            ctx.log(f"embed: {layer} {row['of']} {row['method']}: trustworthiness "
+                    f"{row['trustworthiness']:.3f}" + (f", kNN accuracy {row['knn_accuracy']:.3f}"
+                                                        if np.isfinite(row["knn_accuracy"]) else ""))
+        if len(acts) < E.MIN_POINTS:
+            ctx.log(f"embed: only {len(acts)} images: t-SNE/UMAP need at least {E.MIN_POINTS}; "
+                    "stored a PCA layout instead (marked fallback)")
+    store.write_table("embeddings/images.parquet", _concat(images, ["layer", "method", "index", "x", "y"]))
+    store.write_table("embeddings/neurons.parquet", _concat(neurons, ["layer", "method", "channel", "x", "y"]))
+    store.write_table("embeddings/quality.parquet", pd.DataFrame(quality))
+    return {"layers": len(names), "methods": list(cfg.embed.methods)}
+
+
+def _concat(frames, columns):
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+STAGE = Stage(name="embed", deps=("extract",), params=_params,
+              outputs=("embeddings/images.parquet", "embeddings/neurons.parquet", "embeddings/quality.parquet"),
+              run=run, version="1", modules=("pipeline.embedding", "pipeline.stages.activations"))

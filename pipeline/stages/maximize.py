@@ -1,0 +1,331 @@
+"""Maximize stage, runner side: activation-maximization images for units, clusters and classes.
+
+For each chosen layer, every chosen unit (``maximize.units``: ``all``, ``top:K`` or a list)
+and every cluster centroid of ``cluster_summary.parquet`` becomes a direction in the layer's
+channel space; batches of them are optimised together in one compiled graph per layer
+(:mod:`pipeline.maximize.render`). Class logits get one more graph. Each image is stored as
+``maximize/<layer>/unit_0007.png`` (``cluster_002.png``; classes ``maximize/logits/class_001.png``)
+and described by one row of ``maximize/index.parquet``:
+
+kind, layer, channel, cluster, class, class_name, seed, activation, dataset_max, score, z_score,
+score_valid, dataset_mean, dataset_std, reduction, path, params_hash
+
+``activation`` is what the final PNG (un-transformed) reaches: the channel mean for units (the
+extract stage's ``mean``), the projection on the cluster direction, or the class logit.
+``score`` = activation / dataset max (NaN with ``score_valid`` False where the dataset max is
+≤ ~0); ``z_score`` = (activation − dataset mean) / dataset std.
+
+Resuming: each finished batch is added to ``maximize/<layer>.part.parquet``; a rerun with the
+same render parameters (model, scale, seed, steps, size, learning rate, parameterisation,
+transforms, code) renders only the images that are missing. Dataset statistics and scores are
+recomputed from ``activations.zarr`` every time, so a new extract rescores without re-rendering.
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import hash_json, parse_scale
+from pipeline.runner import Stage, file_hash
+
+ZARR = "activations.zarr"
+INDEX = "maximize/index.parquet"
+CLUSTERS = "cluster_summary.parquet"
+COLUMNS = ["kind", "layer", "channel", "cluster", "class", "class_name", "seed", "activation", "dataset_max",
+           "score", "z_score", "score_valid", "dataset_mean", "dataset_std", "reduction", "path", "params_hash"]
+_INT_COLUMNS = ("channel", "cluster", "class")
+MODULES = ("pipeline.maximize.render", "pipeline.maximize.params", "pipeline.maximize.transforms",
+           "pipeline.maximize.objectives", "pipeline.maximize.quality", "pipeline.maximize.plan")
+
+
+def _params(cfg):
+    return {"maximize": cfg.maximize.model_dump(mode="json"), "seed": cfg.seed, "scale": cfg.data.scale,
+            "cluster_reduction": cfg.cluster.reduction}
+
+
+def _render_hash(cfg):
+    """What the pixels of an image depend on: a part file row is reused only if this matches."""
+    mx = cfg.maximize
+    code = _code_hash(MODULES[:4])  # render, params, transforms, objectives: what shapes the pixels
+    return hash_json({"model": file_hash(cfg.model), "scale": cfg.data.scale, "seed": cfg.seed,
+                      "render": mx.model_dump(mode="json", include={"steps", "size", "learning_rate", "param",
+                                                                    "decorrelate", "transforms", "relu_redirect"}),
+                      "code": code})
+
+
+def _code_hash(modules) -> str:
+    import hashlib
+    import importlib.util
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        if spec and spec.origin:
+            h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()[:8]
+
+
+class _Group:
+    """Images sharing one compiled graph: a layer's units and clusters, or the class logits."""
+
+    def __init__(self, name, objective_layer, targets, stats, reduction):
+        self.name, self.objective_layer, self.targets = name, objective_layer, targets
+        self.stats, self.reduction = stats, reduction  # stats: one entry per target
+
+    @property
+    def part(self):
+        return f"maximize/{self.name}.part.parquet"
+
+
+def run(ctx):
+    from pipeline.stages.activations import open_activations
+
+    cfg, store = ctx.cfg, ctx.store
+    root, order, infos = open_activations(store)
+    groups = _plan(ctx, root, order, infos)
+    params_hash = _render_hash(cfg)
+    done, todo = _resume(store, groups, params_hash)
+    rendered, missing = _render_all(ctx, groups, todo, done, params_hash)
+    index = _index(groups, done, params_hash)
+    store.write_table(INDEX, index)
+    return _summary(ctx, index, rendered, missing)
+
+
+# -- planning --
+
+
+def _plan(ctx, root, order, infos):
+    from pipeline.maximize import plan
+
+    mx = ctx.cfg.maximize
+    plan.parse_units(mx.units)
+    kinds = {n: infos[n]["kind"] for n in order}
+    clusters = _read_clusters(ctx) if mx.clusters else None
+    groups = []
+    for layer in plan.choose_layers(mx.layers, order, kinds):
+        groups.append(_layer_group(ctx, root, infos[layer], layer, clusters))
+    if mx.classes and "logits" in root:
+        groups.append(_class_group(ctx, root))
+    return [g for g in groups if g.targets]
+
+
+def _layer_array(root, info, reduction):
+    """The stored per-image activation of a layer: ``mean`` for maps when present, else what exists."""
+    group = root[info["path"]]
+    keys = list(group.array_keys())
+    for key in ((reduction, "mean", "max") if info["kind"] == "map" else ("value",)):
+        if key in keys:
+            return group[key], key
+    return None, None
+
+
+def _layer_group(ctx, root, info, layer, clusters):
+    from pipeline.maximize import plan, quality
+
+    mx, seed = ctx.cfg.maximize, ctx.cfg.seed
+    array, reduction = _layer_array(root, info, "mean")
+    if array is None:
+        ctx.log(f"maximize: {layer}: no stored activations to score against; skipped")
+        return _Group(info["path"], layer, [], None, None)
+    if reduction != "mean":
+        ctx.log(f"maximize: {layer}: no 'mean' activations stored; scores compare with the stored '{reduction}'")
+    n_channels = int(array.shape[1])
+    directions = np.zeros((0, n_channels), np.float32)
+    cluster_list = []
+    if clusters is not None:
+        rows = clusters[clusters["layer"] == layer]
+        weights = _cluster_weights(root, info, rows, n_channels, ctx.cfg.cluster.reduction)
+        cluster_list, skipped = plan.cluster_targets(layer, zip(rows["cluster"], weights), n_channels, seed)
+        for note in skipped:
+            ctx.log(f"maximize: {note}; skipped")
+        directions = np.array([t.vector for t in cluster_list], np.float32).reshape(-1, n_channels)
+    stats = quality.column_stats(array, directions)
+    units = plan.unit_targets(layer, plan.select_units(mx.units, stats.max[:n_channels]), n_channels, seed)
+    if isinstance(mx.units, list) and len(units) < len(set(mx.units)):
+        ctx.log(f"maximize: {layer} has {n_channels} channels; channels ≥ {n_channels} of maximize.units skipped")
+    index = [t.index for t in units] + list(range(n_channels, n_channels + len(cluster_list)))
+    return _Group(info["path"], layer, units + cluster_list, stats.take(np.asarray(index, int)), reduction)
+
+
+def _cluster_weights(root, info, rows, n_channels, reduction):
+    """Cluster directions on raw activations: ``centroid / std``.
+
+    The cluster stage's centroids are directions in z-scored activation space (of its
+    ``cluster.reduction``), so the same direction on raw activations weights each unit by
+    ``1 / std``; units without spread get weight 0.
+    """
+    from pipeline.maximize import quality
+
+    if len(rows) == 0:
+        return []
+    array, _ = _layer_array(root, info, reduction)
+    std = quality.column_stats(array).std
+    safe = np.where(np.isfinite(std) & (std > 0), std, np.inf)
+    out = []
+    for centroid in rows["centroid"]:
+        c = np.asarray(centroid, np.float64).ravel()
+        out.append(c / safe if c.size == n_channels else c)
+    return out
+
+
+def _read_clusters(ctx):
+    if not ctx.store.exists(CLUSTERS):
+        ctx.log(f"maximize: no {CLUSTERS} (cluster stage not run); no cluster images")
+        return None
+    table = ctx.store.read_table(CLUSTERS)
+    if not {"layer", "cluster", "centroid"} <= set(table.columns):
+        ctx.log(f"maximize: {CLUSTERS} has no centroid column; no cluster images")
+        return None
+    return table
+
+
+def _class_group(ctx, root):
+    from pipeline.maximize import plan, quality
+    from pipeline.maximize.objectives import LOGITS
+
+    logits = root["logits"]
+    names = {}
+    if ctx.store.exists("dataset.parquet"):
+        ds = ctx.store.read_table("dataset.parquet")
+        if {"label", "class_name"} <= set(ds.columns):
+            names = {int(k): str(v) for k, v in zip(ds["label"], ds["class_name"]) if int(k) >= 0 and v}
+    targets = plan.class_targets(int(logits.shape[1]), ctx.cfg.seed, names)
+    return _Group(plan.CLASSES, LOGITS, targets, quality.column_stats(logits), "logits")
+
+
+# -- resuming and rendering --
+
+
+def _resume(store, groups, params_hash):
+    """Rows already rendered with the same parameters (by group and key), and what is left."""
+    done, todo = {}, {}
+    for g in groups:
+        rows = store.read_table(g.part) if store.exists(g.part) else pd.DataFrame(columns=["key", "params_hash"])
+        rows = rows[rows["params_hash"] == params_hash]
+        done[g.name] = rows.drop_duplicates("key", keep="last")
+        have = set(done[g.name]["key"])
+        todo[g.name] = [t for t in g.targets if t.key not in have or not store.exists(t.path)]
+    return done, todo
+
+
+def _renderer(ctx, model, objective_layer):
+    from pipeline.maximize import objectives, params, render, transforms
+
+    mx = ctx.cfg.maximize
+    h, w, c = render.input_size(model, mx.size)
+    param = params.image(h, w, c, fft=mx.param == "fourier", decorrelate=mx.decorrelate)
+    transform = "standard" if mx.transforms == "standard" else transforms.identity()
+    return render.Renderer(model, lambda vectors: objectives.direction(objective_layer, vectors), param=param,
+                           transform=transform, steps=mx.steps, learning_rate=mx.learning_rate,
+                           scale=parse_scale(ctx.cfg.data.scale), size=mx.size, relu_redirect=mx.relu_redirect)
+
+
+def _render_all(ctx, groups, todo, done, params_hash):
+    from tqdm import tqdm
+
+    from pipeline.maximize import plan
+    from pipeline.models import load_model
+
+    mx = ctx.cfg.maximize
+    total = sum(len(v) for v in todo.values())
+    if total == 0:
+        return 0, 0
+    model = load_model(ctx.cfg.model, ctx.cfg.trust_model)
+    deadline = time.monotonic() + mx.max_seconds if mx.max_seconds else None
+    bar = tqdm(total=total, unit="img", desc="maximize", disable=None, dynamic_ncols=True)
+    rendered = 0
+    for g in groups:
+        if not todo[g.name]:
+            continue
+        renderer = _renderer(ctx, model, g.objective_layer)
+        batches = plan.batches(todo[g.name], mx.batch_size)
+        for batch in batches:
+            if deadline is not None and time.monotonic() > deadline:
+                bar.close()
+                return rendered, total - rendered
+            rows = _render_batch(ctx, renderer, batch, params_hash, size=len(batches[0]))
+            done[g.name] = pd.concat([done[g.name], rows], ignore_index=True).drop_duplicates("key", keep="last")
+            ctx.store.write_table(g.part, done[g.name])
+            rendered += len(batch)
+            bar.update(len(batch))
+    bar.close()
+    return rendered, 0
+
+
+def _render_batch(ctx, renderer, batch, params_hash, size):
+    """Render one batch (padded to ``size`` by repeating its last target), write PNGs, return rows."""
+    padded = batch + [batch[-1]] * (size - len(batch))
+    result = renderer([t.seed for t in padded], np.stack([t.vector for t in padded]))
+    rows = []
+    for i, t in enumerate(batch):
+        ctx.store.write_bytes(t.path, _png(result.images[i]))
+        rows.append({"key": t.key, "kind": t.kind, "layer": t.layer, "index": t.index, "class_name": t.class_name,
+                     "seed": t.seed, "activation": float(result.values[i]), "initial": float(result.initial[i]),
+                     "path": t.path, "params_hash": params_hash})
+    return pd.DataFrame(rows)
+
+
+def _png(image) -> bytes:
+    from PIL import Image
+
+    pixels = np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- the index --
+
+
+def _index(groups, done, params_hash):
+    from pipeline.maximize import quality
+
+    tables = []
+    for g in groups:
+        rows = done[g.name].set_index("key") if len(done[g.name]) else None
+        keep = [i for i, t in enumerate(g.targets) if rows is not None and t.key in rows.index]
+        if not keep:
+            continue
+        got = rows.loc[[g.targets[i].key for i in keep]]
+        stats = g.stats.take(np.asarray(keep))
+        score, z, valid = quality.scores(got["activation"].to_numpy(), stats)
+        kinds = got["kind"].to_numpy()
+        idx = got["index"].to_numpy()
+        tables.append(pd.DataFrame({
+            "kind": kinds, "layer": got["layer"].to_numpy(),
+            "channel": np.where(kinds == "unit", idx, -1), "cluster": np.where(kinds == "cluster", idx, -1),
+            "class": np.where(kinds == "class", idx, -1), "class_name": got["class_name"].to_numpy(),
+            "seed": got["seed"].to_numpy(np.int64), "activation": got["activation"].to_numpy(),
+            "dataset_max": stats.max, "score": score, "z_score": z, "score_valid": valid,
+            "dataset_mean": stats.mean, "dataset_std": stats.std, "reduction": g.reduction,
+            "path": got["path"].to_numpy(), "params_hash": params_hash}))
+    index = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
+    for col in _INT_COLUMNS:
+        index[col] = pd.array(np.where(index[col].to_numpy() == -1, None, index[col].to_numpy()), dtype="Int64")
+    index["class_name"] = index["class_name"].astype(object).where(index["class_name"].notna(), None)
+    return index[COLUMNS]
+
+
+def _summary(ctx, index, rendered, missing):
+    if missing:
+        ctx.log(f"maximize: time budget (maximize.max_seconds) reached with {missing} image(s) not rendered; "
+                "run `python -m pipeline maximize RUN_DIR` again to render the rest (finished images are kept)")
+    valid = index["score"].to_numpy(float)
+    return {"images": int(len(index)), "rendered": int(rendered), "reused": int(len(index) - rendered),
+            "missing": int(missing),
+            "median_score": _round(np.nanmedian(valid) if np.isfinite(valid).any() else np.nan),
+            "median_z_score": _round(np.nanmedian(index["z_score"].to_numpy(float))
+                                     if np.isfinite(index["z_score"].to_numpy(float)).any() else np.nan),
+            "score_not_meaningful": int((~index["score_valid"].astype(bool)).sum())}
+
+
+def _round(x):
+    return None if x is None or not np.isfinite(x) else round(float(x), 4)
+
+
+STAGE = Stage(name="maximize", deps=("extract", "cluster"), params=_params,
+              outputs=(INDEX,), run=run, version="1", modules=MODULES)
