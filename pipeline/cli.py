@@ -56,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     ly.add_argument("model", metavar="MODEL")
     ly.add_argument("--trust-model", action="store_true",
                     help="allow Lambda layers / custom objects (runs code from the model file)")
+    ex = sub.add_parser("export", help="export a run for other tools (TensorBoard Projector)",
+                        description="Write TensorBoard Projector files (tensors.tsv, metadata.tsv, sprite.png, "
+                                    "projector_config.pbtxt) for one layer of a finished run.")
+    ex.add_argument("format", choices=["projector"])
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--layer", required=True, help="layer name (see manifest or `status`)")
+    ex.add_argument("--out", help="output folder (default RUN_DIR/projector/<layer>)")
     return p
 
 
@@ -156,13 +163,20 @@ def cmd_layers(args):
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
 
 
+def cmd_export(args):
+    from pipeline.export import export_projector
+
+    folder = export_projector(args.run_dir, args.layer, args.out)
+    print(f"projector files: {folder}  (tensorboard --logdir {folder})")
+
+
 def cmd_demo(args):
     from pipeline.demo import run_demo
 
     run_demo(out=args.out, force=args.force, debug=args.debug)
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "layers": cmd_layers, "demo": cmd_demo,
+COMMANDS = {"run": cmd_run, "status": cmd_status, "layers": cmd_layers, "demo": cmd_demo, "export": cmd_export,
             **{s: cmd_stage for s in STAGE_NAMES}}
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 PARTIAL = ".partial"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class RunStore:
@@ -42,6 +44,7 @@ class RunStore:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix + ".tmp", dir=target.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are meant to be shared
         try:
             yield Path(tmp)
             os.replace(tmp, target)
