@@ -33,8 +33,14 @@ MIN_POINTS = 5
 
 METHODS = ("tsne", "umap")
 
+#: umap-learn finds exact neighbours for fits of fewer points, NN-descent from here on.
+UMAP_EXACT_BELOW = 4096
+
 #: t-SNE uses FFT-interpolated gradients from this many fitted points, Barnes-Hut below.
 FFT_FROM = 10_000
+
+# openTSNE's default optimisation schedule for a fit (250 exaggerated + 500 normal iterations).
+_TSNE_SCHEDULE = dict(early_exaggeration_iter=250, n_iter=500)
 
 # openTSNE's own ``transform`` schedule for adding points to a fitted embedding (the defaults
 # of ``TSNEEmbedding.transform`` in openTSNE 1.0.4).
@@ -83,21 +89,38 @@ def _chunks(indices: np.ndarray, size: int) -> list[np.ndarray]:
 # features
 # --------------------------------------------------------------------------------------------
 
-def _informative_columns(x: np.ndarray) -> np.ndarray:
-    """Mask of columns that are finite everywhere and not constant."""
-    finite = np.isfinite(x).all(axis=0)
-    safe = np.where(finite, x, 0)
-    mean = safe.mean(axis=0, dtype=np.float64)
-    std = safe.std(axis=0, dtype=np.float64)
-    # float32 reductions of a constant can leave a round-off spread; that is not signal
-    return finite & (std > _REL_EPS * np.maximum(np.abs(mean), 1e-30))
+def _column_stats(x: np.ndarray, block: int = 4096):
+    """Per-column (all finite, mean, std) with float64 sums over row blocks.
+
+    Blocks keep the float64 temporaries small: upcasting a 100k x 2048 float32 matrix at
+    once would take 1.6 GB.
+    """
+    n, d = x.shape
+    finite, total, squares = np.ones(d, dtype=bool), np.zeros(d), np.zeros(d)
+    for i in range(0, n, block):
+        rows = x[i:i + block]
+        finite &= np.isfinite(rows).all(axis=0)
+        total += np.where(np.isfinite(rows), rows, 0).sum(axis=0, dtype=np.float64)
+    mean = total / max(n, 1)
+    for i in range(0, n, block):
+        rows = x[i:i + block]
+        squares += np.square(np.where(np.isfinite(rows), rows, 0) - mean).sum(axis=0)
+    return finite, mean, np.sqrt(squares / max(n, 1))
 
 
-def _zscore_columns(x: np.ndarray) -> np.ndarray:
-    """Columns standardised to mean 0, std 1 (statistics in float64, data kept float32)."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    std = x.std(axis=0, dtype=np.float64)
-    return ((x - mean.astype(np.float32)) / std.astype(np.float32)).astype(np.float32, copy=False)
+def _informative(x: np.ndarray, standardize: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 copy of the informative columns, z-scored unless told not to; their mask).
+
+    Informative: finite everywhere and not constant. Float32 data derived from a constant
+    can keep a round-off spread, which is not signal.
+    """
+    finite, mean, std = _column_stats(x)
+    keep = finite & (std > _REL_EPS * np.maximum(np.abs(mean), 1e-30))
+    z = x[:, keep].astype(np.float32)  # the only full-size copy; standardised in place
+    if standardize:
+        z -= mean[keep].astype(np.float32)
+        z /= std[keep].astype(np.float32)
+    return z, keep
 
 
 def _pca(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
@@ -114,7 +137,7 @@ def _pca(x: np.ndarray, n_components: int, seed: int) -> np.ndarray:
     return pca.fit_transform(x).astype(np.float32, copy=False)
 
 
-def prepare_features(x, pca=50, random_state=0) -> np.ndarray:
+def prepare_features(x, pca=50, random_state=0, standardize=True) -> np.ndarray:
     """Clean, standardise and PCA-reduce a feature matrix for embedding.
 
     Parameters
@@ -125,6 +148,9 @@ def prepare_features(x, pca=50, random_state=0) -> np.ndarray:
         Maximum number of principal components. ``None`` or 0 skips PCA.
     random_state : int, RandomState instance or None, default=0
         Seeds the randomized PCA solver.
+    standardize : bool, default=True
+        Z-score the columns before PCA. Pass False for :func:`neuron_features`, whose rows are
+        already z-scored: scaling columns too would distort their correlation geometry.
 
     Returns
     -------
@@ -133,7 +159,7 @@ def prepare_features(x, pca=50, random_state=0) -> np.ndarray:
         non-finite value and constant columns are dropped first. With fewer than 3 samples
         this is what is possible: 1 sample gives 0 columns (everything is constant), 2 samples
         give at most 1 column. When PCA would keep every column, the standardised columns are
-        returned as they are (PCA would only rotate them).
+        returned as they are (PCA would only centre and rotate them).
 
     Examples
     --------
@@ -144,7 +170,7 @@ def prepare_features(x, pca=50, random_state=0) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array (n_samples, n_features), got shape {x.shape}")
-    x = _zscore_columns(x[:, _informative_columns(x)])
+    x, _ = _informative(x, standardize)
     n, d = x.shape
     n_components = min(pca or d, d, max(n - 1, 0))
     if n_components == d:
@@ -177,6 +203,13 @@ def neuron_features(acts, max_images=5000, random_state=0) -> tuple[np.ndarray, 
         correlation with other units is undefined, so the caller must drop them
         (``features[keep_mask]``, channels ``np.flatnonzero(keep_mask)``).
 
+    Notes
+    -----
+    With z-scored rows the squared Euclidean distance between two units is
+    ``2 * n_images * (1 - r)`` (``r``: Pearson correlation), so a Euclidean embedding of these
+    rows is a correlation embedding. Reduce them with
+    ``prepare_features(features[keep_mask], standardize=False)`` to keep that property.
+
     Examples
     --------
     >>> acts = np.c_[np.arange(6.0), np.zeros(6), np.arange(6.0) % 2]
@@ -190,9 +223,9 @@ def neuron_features(acts, max_images=5000, random_state=0) -> tuple[np.ndarray, 
     if acts.shape[0] > max_images:
         rows, _ = _split_sample(acts.shape[0], max_images, _seed(random_state))
         acts = acts[rows]
-    keep = _informative_columns(acts)
+    z, keep = _informative(acts)
     features = np.zeros(acts.shape[::-1], dtype=np.float32)
-    features[keep] = _zscore_columns(acts[:, keep]).T
+    features[keep] = z.T
     return features, keep
 
 
@@ -200,9 +233,15 @@ def neuron_features(acts, max_images=5000, random_state=0) -> tuple[np.ndarray, 
 # fallback for tiny inputs
 # --------------------------------------------------------------------------------------------
 
+def _as_matrix(x) -> np.ndarray:
+    """float32 (n_samples, n_features), also for 1-D and empty inputs."""
+    x = np.asarray(x, dtype=np.float32)
+    return x.reshape(len(x), -1) if x.size else x.reshape(len(x), 0)
+
+
 def _leading_2d(x: np.ndarray, seed: int) -> np.ndarray:
     """First two principal components, zero-padded to 2 columns (deterministic)."""
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    x = _as_matrix(x)
     n, d = x.shape
     n_components = min(2, d, max(n - 1, 0))
     xy = np.zeros((n, 2), dtype=np.float32)
@@ -262,7 +301,7 @@ def _tsne_fit(x: np.ndarray, seed: int, perplexity: float, gradient: str | None)
 
     tsne = TSNE(n_components=2, perplexity=_clamp_perplexity(perplexity, len(x)),
                 negative_gradient_method=_gradient_method(len(x), gradient), n_jobs=1,
-                random_state=seed, verbose=False)
+                random_state=seed, verbose=False, **_TSNE_SCHEDULE)
     return tsne.fit(x, initialization=_tsne_init(x, seed))
 
 
@@ -311,7 +350,7 @@ def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None,
     -----
     Runs single-threaded (``n_jobs=1``): openTSNE's result depends on the thread count.
     """
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    x = _as_matrix(x)
     seed = _seed(random_state)
     if len(x) < MIN_POINTS:
         return _leading_2d(x, seed)
@@ -403,7 +442,7 @@ def umap_2d(x, random_state=0, n_neighbors=15, max_fit=10000, chunk_size=None) -
     The first call in a process compiles numba code (tens of seconds); call
     :func:`warm_up_umap` once up front so the cost is not charged to the first layer.
     """
-    x = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    x = _as_matrix(x)
     seed = _seed(random_state)
     if len(x) < MIN_POINTS:
         return _leading_2d(x, seed)
@@ -419,12 +458,19 @@ def umap_2d(x, random_state=0, n_neighbors=15, max_fit=10000, chunk_size=None) -
     return xy
 
 
-def warm_up_umap() -> float:
+def warm_up_umap(approximate=True) -> float:
     """Compile umap's numba code once per process, on tiny data.
 
-    Sets ``NUMBA_CACHE_DIR`` to ``~/.cache/pipeline-numba`` if unset, so functions numba can
-    cache are also kept on disk across runs. Both neighbour paths are exercised: exact (fits
-    of fewer than 4096 points) and NN-descent (larger fits), each with a ``transform``.
+    Sets ``NUMBA_CACHE_DIR`` to ``~/.cache/pipeline-numba`` if unset, so the functions numba
+    can cache are kept on disk across runs (measured: import 22 s -> 2 s; most of the fit's
+    compilation is not cacheable and is paid again in every process).
+
+    Parameters
+    ----------
+    approximate : bool, default=True
+        Also compile the nearest-neighbour-descent path that UMAP takes when it fits at least
+        ``UMAP_EXACT_BELOW`` (4096) points (about 25 s more of CPU). Fits of fewer points, and
+        their ``transform``, use exact neighbours, compiled in any case (about 12 s).
 
     Returns
     -------
@@ -434,9 +480,9 @@ def warm_up_umap() -> float:
     start = time.perf_counter()
     x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
     UMAP = _import_umap()
-    for approximate in (False, True):
+    for force in (False, True) if approximate else (False,):
         model = UMAP(n_neighbors=5, n_epochs=5, random_state=0, n_jobs=1,
-                     force_approximation_algorithm=approximate)
+                     force_approximation_algorithm=force)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tiny data: spectral-init and size warnings
             model.fit(x[:30])

@@ -51,7 +51,9 @@ def embed_layer(acts, layer, labels, cfg):
         profiles, keep = E.neuron_features(acts, random_state=cfg.seed)
         channels = np.flatnonzero(keep)
         if len(channels):
-            feats = E.prepare_features(profiles[keep], pca=e.pca, random_state=cfg.seed)
+            # Rows are already z-scored per unit: Euclidean distance then tracks correlation,
+            # which re-standardising the image columns would distort.
+            feats = E.prepare_features(profiles[keep], pca=e.pca, random_state=cfg.seed, standardize=False)
             for method in e.methods:
                 xy = _embed_one(feats, method, cfg)
                 neurons.append(E.neuron_embedding_table(layer, method, xy, channels))
@@ -65,9 +67,11 @@ def run(ctx):
     cfg, store = ctx.cfg, ctx.store
     root, names, infos = open_activations(store)
     labels = store.read_table("dataset.parquet")["label"].to_numpy()
+    n_images = len(labels)
     labels = labels if (labels >= 0).any() else None
     if "umap" in cfg.embed.methods:
-        ctx.log(f"embed: UMAP start-up (numba compilation, once per process) took {E.warm_up_umap():.1f} s")
+        took = E.warm_up_umap(approximate=min(n_images, cfg.embed.max_fit) >= E.UMAP_EXACT_BELOW)
+        ctx.log(f"embed: UMAP start-up (numba compilation, once per process) took {took:.1f} s")
     images, neurons, quality = [], [], []
     for layer in names:
         # Pooled activations (N, C) fit in memory; the per-image maps never are loaded here.
