@@ -58,7 +58,11 @@ def layer_kinds(model, names) -> dict:
 
 def run(ctx):
     cfg, store = ctx.cfg, ctx.store
+    from pipeline.tfsetup import gpus
+
     model = load_model(cfg.model, cfg.trust_model)
+    devices = gpus()
+    ctx.log(f"extract: running on {', '.join(devices) if devices else 'CPU (no GPU visible to TensorFlow)'}")
     size, channels = input_geometry(model, cfg.data)
     names = select_layers(model.layers, cfg.layers)
     kinds = layer_kinds(model, names)
