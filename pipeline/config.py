@@ -67,10 +67,45 @@ class MaximizeConfig(_Section):
     batch_size: int = Field(default=32, ge=1)
     learning_rate: float = Field(default=0.05, gt=0)
     layers: Union[Literal["all", "last"], list[str]] = "all"
+    # Image parameterisation: Fourier (Lucid's default) or raw pixels.
+    param: Literal["fourier", "pixel"] = "fourier"
+    # Decorrelate RGB colours (ignored for grey models).
+    decorrelate: bool = True
+    # Robustness transforms for unit and cluster images: Lucid's pad/jitter/scale/rotate chain scaled
+    # to the image size, pad/jitter only, or none. Class images use pad/jitter unless this is none.
+    transforms: Literal["standard", "jitter", "none"] = "standard"
+    # Lucid's redirected ReLU gradient, so units silent on the grey start image can still move.
+    relu_redirect: bool = True
+    # Stop starting new batches after this many seconds; a rerun renders what is missing.
+    max_seconds: Optional[float] = Field(default=None, gt=0)
 
 
 class ReportConfig(_Section):
-    out: Optional[str] = None
+    out: Optional[str] = None                          # default reports/<name>
+    units_per_page: int = Field(default=64, ge=1)      # unit gallery pagination
+    thumbnail_size: int = Field(default=64, ge=8)      # px, longer side of dataset thumbnails in the report
+    image_size: int = Field(default=128, ge=16)        # px, longer side of copied maximization images
+    top_images: int = Field(default=9, ge=1)           # dataset images shown per unit / cluster
+    examples: int = Field(default=12, ge=1)            # per class: most confident / most confused images
+    atlas_grid: int = Field(default=14, ge=2)          # activation-atlas cells per side
+    atlas_points: int = Field(default=20000, ge=100)   # images sampled for an atlas (bounds memory)
+
+
+class ProbeConfig(_Section):
+    """The shortcut finder (``probe`` stage): counterfactual probes and the per-class verdicts."""
+    probes: list[Literal["grayscale", "hue_rotation", "channel_shuffle", "patch_shuffle", "blur",
+                         "centre_mask", "background_mask"]] = [
+        "grayscale", "hue_rotation", "channel_shuffle", "patch_shuffle", "blur", "centre_mask",
+        "background_mask"]
+    max_images: Optional[int] = Field(default=2000, ge=1)   # seeded class-stratified sample
+    bootstrap: int = Field(default=1000, ge=100)              # resamples for the confidence intervals
+    confidence: float = Field(default=0.95, gt=0.5, lt=1)     # interval level (percentile bootstrap)
+    patch_grid: int = Field(default=4, ge=2)                  # patch_shuffle: grid x grid patches
+    blur_sigma: float = Field(default=0.04, gt=0, le=0.5)     # blur: Gaussian sigma, fraction of the image side
+    mask_fraction: float = Field(default=0.5, gt=0, lt=1)     # masks: side of the centre box, fraction
+    min_images: int = Field(default=10, ge=2)                 # fewer (correct) images in a class: inconclusive
+    min_effect: float = Field(default=0.2, gt=0, lt=1)        # a cue matters when its break rate's CI is above this
+    examples: int = Field(default=4, ge=1)                    # example images per probe under probes/
 
 
 class Config(_Section):
@@ -86,6 +121,7 @@ class Config(_Section):
     cluster: ClusterConfig = ClusterConfig()
     maximize: MaximizeConfig = MaximizeConfig()
     report: ReportConfig = ReportConfig()
+    probe: ProbeConfig = ProbeConfig()
 
     @field_validator("name")
     @classmethod

@@ -3,6 +3,6 @@
 
 def all_stages():
     """Every available stage, in pipeline order."""
-    from pipeline.stages import cluster, embed, extract
+    from pipeline.stages import cluster, embed, extract, report
 
-    return [extract.STAGE, embed.STAGE, cluster.STAGE]
+    return [extract.STAGE, embed.STAGE, cluster.STAGE, report.STAGE]

@@ -1,0 +1,151 @@
+"""Everything the report shows, read from the run directory only (never the user's image files).
+
+Tables of stages that have not run are ``None``; the pages then say "not computed".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import UserError
+
+STAGE_ORDER = ("extract", "embed", "cluster", "maximize", "probe", "report")
+OPTIONAL = {  # attribute -> run-directory file read directly (not in pipeline.run.TABLES)
+    "quality": "embeddings/quality.parquet",
+    "bias": "bias.parquet",                     # the shortcut finder (probe stage), per class x probe
+    "bias_verdicts": "bias_verdicts.parquet",   # ... and its verdict per class
+}
+
+
+@dataclass
+class Predictions:
+    """The model's outputs on the analysed images, softmaxed.
+
+    ``aligned`` says whether output ``k`` can be read as class label ``k`` (as many outputs as
+    classes); only then are accuracy, confusion and "most confused" examples meaningful.
+    """
+
+    predicted: np.ndarray          # (N,) argmax output
+    confidence: np.ndarray         # (N,) probability of the predicted output
+    p_label: np.ndarray | None     # (N,) probability of the true label (aligned only; NaN unlabelled)
+    n_outputs: int
+    aligned: bool
+
+
+@dataclass
+class ReportData:
+    """A run directory opened for the report."""
+
+    run: object
+    title: str
+    manifest: dict
+    dataset: pd.DataFrame
+    skipped: pd.DataFrame
+    layer_names: list
+    layer_info: dict
+    class_names: dict              # label -> name (labelled images only)
+    labels: np.ndarray
+    clusters: pd.DataFrame | None = None
+    cluster_summary: pd.DataFrame | None = None
+    layers: pd.DataFrame | None = None
+    image_embeddings: pd.DataFrame | None = None
+    neuron_embeddings: pd.DataFrame | None = None
+    quality: pd.DataFrame | None = None
+    maximize: pd.DataFrame | None = None
+    bias: pd.DataFrame | None = None
+    bias_verdicts: pd.DataFrame | None = None
+    predictions: Predictions | None = None
+    notes: list = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.run.path
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
+    def class_name(self, label) -> str:
+        if label is None or pd.isna(label) or int(label) < 0:
+            return "unlabelled"
+        return self.class_names.get(int(label), f"class {int(label)}")
+
+    def layer_row(self, layer) -> dict | None:
+        if self.layers is None:
+            return None
+        rows = self.layers[self.layers["layer"] == layer]
+        return None if rows.empty else rows.iloc[0].to_dict()
+
+    def units_of(self, layer) -> pd.DataFrame | None:
+        if self.clusters is None:
+            return None
+        return self.clusters[self.clusters["layer"] == layer].sort_values("channel")
+
+    def clusters_of(self, layer) -> pd.DataFrame | None:
+        if self.cluster_summary is None:
+            return None
+        return self.cluster_summary[self.cluster_summary["layer"] == layer].sort_values("cluster")
+
+    def stage(self, name) -> dict:
+        return (self.manifest.get("stages") or {}).get(name) or {}
+
+
+def load_report_data(run_dir, title=None) -> ReportData:
+    """Open ``run_dir`` (needs the extract stage; everything else is optional)."""
+    import pipeline
+
+    run = pipeline.load_run(run_dir)
+    if run.dataset is None:
+        raise UserError(f"{run_dir} has no dataset.parquet yet: run the extract stage first")
+    manifest = run.manifest or {}
+    dataset = run.dataset.reset_index(drop=True)
+    labels = dataset["label"].to_numpy().astype(np.int64)
+    names = (dataset[dataset["label"] >= 0].drop_duplicates("label").sort_values("label"))
+    class_names = {int(r.label): str(r.class_name) for r in names.itertuples()}
+    skipped = run.skipped if run.skipped is not None else pd.DataFrame(columns=["path", "reason"])
+    data = ReportData(
+        run=run, title=title or (manifest.get("config") or {}).get("name") or run.path.name,
+        manifest=manifest, dataset=dataset, skipped=skipped,
+        layer_names=run.layer_names, layer_info=run.layers_info, class_names=class_names, labels=labels,
+        clusters=run.clusters, cluster_summary=run.cluster_summary, layers=run.layers,
+        image_embeddings=run.image_embeddings, neuron_embeddings=run.neuron_embeddings,
+        maximize=run.maximize)
+    for attr, file in OPTIONAL.items():
+        if run.store.exists(file):
+            setattr(data, attr, run.store.read_table(file))
+    data.predictions = predictions(run, labels, len(class_names))
+    return data
+
+
+def softmax(logits):
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def predictions(run, labels, n_classes, rows=8192) -> Predictions | None:
+    """Softmax the stored logits chunk by chunk (memory stays bounded for large runs)."""
+    try:
+        logits = run.logits()
+    except (KeyError, UserError):
+        return None
+    n, k = logits.shape
+    if k < 2 or n != len(labels):
+        return None
+    aligned = n_classes >= 2 and k == n_classes
+    predicted, confidence = np.zeros(n, np.int64), np.zeros(n)
+    p_label = np.full(n, np.nan) if aligned else None
+    for start in range(0, n, rows):
+        p = softmax(logits[start:start + rows])
+        p = np.where(np.isfinite(p), p, 0.0)
+        predicted[start:start + len(p)] = p.argmax(axis=1)
+        confidence[start:start + len(p)] = p.max(axis=1)
+        if aligned:
+            lab = labels[start:start + len(p)]
+            ok = lab >= 0
+            p_label[start:start + len(p)][ok] = p[np.flatnonzero(ok), lab[ok]]
+    return Predictions(predicted, confidence, p_label, int(k), aligned)

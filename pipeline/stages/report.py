@@ -1,0 +1,45 @@
+"""Report stage: the static HTML report of a run, written outside the run directory.
+
+The report folder (``report.out``, default ``reports/<name>``) is built beside its final place
+and published by rename; the run directory only gets ``report.json``, a small marker recording
+where the report is, so the runner can tell the stage is done.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.runner import Stage, file_hash
+
+REPORT_PACKAGE = Path(__file__).resolve().parent.parent / "report"
+
+
+def _params(cfg):
+    return {"report": cfg.report.model_dump(mode="json"), "name": cfg.name,
+            "out": str(cfg.report_dir)}
+
+
+def _inputs(cfg):
+    # Templates and the stylesheet are code too: editing them makes the report stale.
+    return {"templates": file_hash(REPORT_PACKAGE / "templates"), "static": file_hash(REPORT_PACKAGE / "static")}
+
+
+def run(ctx):
+    from pipeline.report.build import build_report
+
+    out = Path(ctx.cfg.report_dir)
+    result = build_report(ctx.store.root, out, title=ctx.cfg.name, options=ctx.cfg.report, log=ctx.log)
+    for note in result.notes:
+        ctx.log(f"report: {note}")
+    summary = {"path": str(out.resolve()), "index": str(result.index.resolve()), "pages": result.pages,
+               "thumbnails": result.images, "bytes": result.bytes}
+    ctx.store.write_json("report.json", summary)
+    ctx.log(f"report: {result.index.resolve()}")
+    return summary
+
+
+# Every analysis stage is a dependency, so a new embedding or clustering makes the report stale.
+STAGE = Stage(name="report", deps=("extract", "embed", "cluster"), params=_params, inputs=_inputs,
+              outputs=("report.json",), run=run, version="1",
+              modules=("pipeline.report", "pipeline.report.build", "pipeline.report.pages",
+                       "pipeline.report.data", "pipeline.report.figures", "pipeline.report.atlas",
+                       "pipeline.report.assets", "pipeline.report.names"))
