@@ -38,6 +38,7 @@ class ExtractConfig(_Section):
     spatial_samples: int = Field(default=0, ge=0)
     dtype: Literal["float32", "float16"] = "float32"
     thumbnail_size: int = Field(default=64, ge=0)
+    chunk_rows: int = Field(default=1024, ge=1)
 
 
 class EmbedConfig(_Section):
@@ -101,7 +102,7 @@ class ProbeConfig(_Section):
     bootstrap: int = Field(default=1000, ge=100)              # resamples for the confidence intervals
     confidence: float = Field(default=0.95, gt=0.5, lt=1)     # interval level (percentile bootstrap)
     patch_grid: int = Field(default=4, ge=2)                  # patch_shuffle: grid x grid patches
-    blur_sigma: float = Field(default=0.04, gt=0, le=0.5)     # blur: Gaussian sigma, fraction of the image side
+    blur_sigma: float = Field(default=0.02, gt=0, le=0.5)     # blur: Gaussian sigma, fraction of the image side
     mask_fraction: float = Field(default=0.5, gt=0, lt=1)     # masks: side of the centre box, fraction
     min_images: int = Field(default=10, ge=2)                 # fewer (correct) images in a class: inconclusive
     min_effect: float = Field(default=0.2, gt=0, lt=1)        # a cue matters when its break rate's CI is above this

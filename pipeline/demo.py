@@ -22,6 +22,8 @@ def demo_config(assets, out=None):
         "data": {"images": str(assets["images"]), "scale": "1/255"},
         "layers": "auto",
         "extract": {"batch_size": 64, "spatial_samples": 4},
+        # 128 steps at a higher rate match 256 steps at 0.05 on this small model, in half the time.
+        "maximize": {"steps": 128, "learning_rate": 0.2},
     }
     return make_config(raw)
 

@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 
 #: Bump whenever the generator, the model or the training recipe changes: it invalidates caches.
-DEMO_VERSION = 1
+DEMO_VERSION = 2
 
-CLASS_NAMES = ("circle", "square", "triangle", "cross")
-TEXTURE_NAMES = ("plain", "stripes", "dots", "checks")
+# Alphabetical, like every folder-based labelling (ours and Keras' image_dataset_from_directory):
+# the model's output k must be the k-th class folder in sorted order.
+CLASS_NAMES = ("circle", "cross", "square", "triangle")
+TEXTURE_NAMES = ("checks", "dots", "plain", "stripes")
 COLOUR_NAMES = ("red", "green", "blue", "yellow")
 #: The colour each class mostly has in training (same order as ``CLASS_NAMES``).
 PALETTE = np.array(
@@ -165,11 +167,11 @@ def _texture_gain(texture, size, rng):
     xs = (xx[None] + off[:, 0, None, None]) // 2 % 2
     ys = (yy[None] + off[:, 1, None, None]) // 2 % 2
     vertical = rng.random(n)[:, None, None] < 0.5
-    patterns = np.stack([
+    patterns = np.stack([           # in TEXTURE_NAMES order
+        xs ^ ys,                    # checks
+        xs * ys,                    # dots
         np.ones_like(xs),           # plain
         np.where(vertical, xs, ys),  # stripes
-        xs * ys,                    # dots
-        xs ^ ys,                    # checks
     ])
     on = patterns[texture, np.arange(n)]
     # Dark phases at a third of the brightness keep the pattern visible but the shape whole.

@@ -88,8 +88,10 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
     Returns
     -------
     callable
-        ``forward(pixels_uint8, positions) -> (dict of arrays, dict of non-finite counts)``;
-        ``positions`` is a list with one ``(B, k, 2)`` int32 array per map layer (empty if k = 0).
+        ``forward(pixels_uint8, positions, valid=None) -> (dict of arrays, dict of non-finite counts)``;
+        ``positions`` is a list with one ``(B, k, 2)`` int32 array per map layer (empty if k = 0);
+        only the first ``valid`` rows (default all) are returned and checked, so a padded last
+        batch reuses the compiled graph.
     """
     import tensorflow as tf
 
@@ -97,8 +99,18 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
     layers = list(layer_kinds)
     out_dtype = tf.float16 if dtype == "float16" else tf.float32
 
-    @tf.function(reduce_retracing=True)
-    def forward(pixels, positions):
+    def count_nonfinite(summary, y, valid):
+        # A full is_finite pass over every feature map costs as much as the reductions. The sum of
+        # a summary computed from y (its means) is finite exactly when y holds no NaN/Inf (bar
+        # overflow, which only sends us to the exact count), so the exact count of non-finite
+        # elements runs only when something is wrong.
+        return tf.cond(tf.math.is_finite(tf.reduce_sum(summary[:valid])),
+                       lambda: tf.constant(0, tf.int64),
+                       lambda: tf.math.count_nonzero(~tf.math.is_finite(y[:valid]), dtype=tf.int64))
+
+    # Callers pad the last batch to the full batch size, so this traces once.
+    @tf.function
+    def forward(pixels, positions, valid):
         x = tf.cast(pixels, tf.float32) * a + b
         outputs, logits = extractor(x)
         arrays, bad = {}, {}
@@ -106,26 +118,30 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         for name, y in zip(layers, outputs):
             layer = layer_path(name)
             y = tf.cast(y, tf.float32)
-            bad[name] = tf.reduce_sum(tf.cast(~tf.math.is_finite(y), tf.int64))
             if layer_kinds[name] == "map":
+                means = tf.reduce_mean(y, axis=[1, 2])
+                bad[name] = count_nonfinite(means, y, valid)
                 for r in reductions:
-                    red = tf.reduce_mean(y, axis=[1, 2]) if r == "mean" else tf.reduce_max(y, axis=[1, 2])
+                    red = means if r == "mean" else tf.reduce_max(y, axis=[1, 2])
                     arrays[f"{layer}/{r}"] = tf.cast(red, out_dtype)
                 if spatial_samples:
                     arrays[f"{layer}/spatial"] = tf.cast(tf.gather_nd(y, positions[p], batch_dims=1), out_dtype)
                     p += 1
             else:
-                arrays[f"{layer}/value"] = tf.cast(tf.reshape(y, [tf.shape(y)[0], -1]), out_dtype)
+                flat = tf.reshape(y, [tf.shape(y)[0], -1])
+                bad[name] = count_nonfinite(flat, flat, valid)
+                arrays[f"{layer}/value"] = tf.cast(flat, out_dtype)
         logits = tf.cast(tf.reshape(logits, [tf.shape(logits)[0], -1]), tf.float32)
-        bad["logits"] = tf.reduce_sum(tf.cast(~tf.math.is_finite(logits), tf.int64))
+        bad["logits"] = count_nonfinite(logits, logits, valid)
         arrays["logits"] = logits
         if thumb is not None:
             small = tf.image.resize(tf.cast(pixels, tf.float32), thumb, method="area")
             arrays["thumbnails"] = tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8)
         return arrays, bad
 
-    def run(pixels, positions=()):
-        arrays, bad = forward(pixels, list(positions))
-        return ({k: v.numpy() for k, v in arrays.items()}, {k: int(v) for k, v in bad.items()})
+    def run(pixels, positions=(), valid=None):
+        valid = len(pixels) if valid is None else valid
+        arrays, bad = forward(pixels, list(positions), tf.constant(valid, tf.int32))
+        return ({k: v.numpy()[:valid] for k, v in arrays.items()}, {k: int(v) for k, v in bad.items()})
 
     return run

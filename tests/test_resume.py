@@ -59,7 +59,8 @@ def test_sigkill_during_extract_then_rerun_gives_identical_arrays(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({"out": str(tmp_path / name), "model": model,
                                         "data": {"images": str(tmp_path / "images")},
-                                        "extract": {"batch_size": 4, "spatial_samples": 2}}))
+                                        "extract": {"batch_size": 4, "chunk_rows": 4,
+                                                    "spatial_samples": 2}}))
         return path
 
     clean = config("clean")

@@ -18,8 +18,8 @@ Importing this package is cheap; the submodules import TensorFlow.
 
 Examples
 --------
->>> from pipeline.maximize import objectives as obj, params, render  # doctest: +SKIP
->>> objective = obj.channel("conv3", [3, 7, 9])  # one unit per image of a batch of 3
+>>> from pipeline.maximize import objectives as obj, render  # doctest: +SKIP
+>>> objective = obj.channel("conv3", [3, 7, 9])  # one unit per image of a batch of 3  # doctest: +SKIP
 >>> result = render.render(model, objective, seeds=[0, 1, 2], steps=128)  # doctest: +SKIP
 >>> result.images.shape  # doctest: +SKIP
 (3, 32, 32, 3)

@@ -1,8 +1,10 @@
-"""Import TensorFlow with oneDNN off: its CPU kernels crash on some conv gradients (DESIGN.md)."""
+"""TensorFlow for the maximize modules: imported once, quietly, with oneDNN off (DESIGN.md)."""
 import os
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import tensorflow as tf  # noqa: E402  (the flag must be set first)
+from pipeline.tfsetup import tensorflow  # noqa: E402  (the flag must be set first)
+
+tf = tensorflow()
 
 __all__ = ["tf"]

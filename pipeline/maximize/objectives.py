@@ -15,7 +15,7 @@ Examples
 >>> import numpy as np
 >>> acts = {"conv": np.arange(2 * 2 * 2 * 3, dtype=np.float32).reshape(2, 2, 2, 3)}
 >>> channel("conv", [0, 2])(acts).numpy()
-array([ 4.5, 17.5], dtype=float32)
+array([ 4.5, 18.5], dtype=float32)
 >>> (2 * channel("conv", 1) - 1)(acts).numpy()
 array([10., 34.], dtype=float32)
 """
@@ -148,6 +148,18 @@ def class_logit(k) -> Objective:
     return Objective(lambda acts: _pick(_per_channel(acts[LOGITS]), k), f"class_logit({_short(k)})", (LOGITS,))
 
 
+def class_logprob(k) -> Objective:
+    """Log-probability (log-softmax of the logits) of class ``k``: rises only by beating the other classes."""
+    return Objective(lambda acts: _pick(tf.nn.log_softmax(_per_channel(acts[LOGITS]), axis=-1), k),
+                     f"class_logprob({_short(k)})", (LOGITS,))
+
+
+def class_probability(k) -> Objective:
+    """Softmax probability of class ``k`` (for measuring; its gradient vanishes near 0 and 1)."""
+    return Objective(lambda acts: _pick(tf.nn.softmax(_per_channel(acts[LOGITS]), axis=-1), k),
+                     f"class_probability({_short(k)})", (LOGITS,))
+
+
 def diversity(layer) -> Objective:
     """Minus each image's summed similarity to the others, comparing style (Gram) matrices.
 
@@ -168,6 +180,10 @@ def diversity(layer) -> Objective:
 
 
 def _short(n):
-    if isinstance(n, (list, tuple)) and len(n) > 4:
-        return f"[{n[0]}, {n[1]}, … {len(n)} targets]"
-    return "targets" if tf.is_tensor(n) else str(n)
+    """A short label for a target (an int, a few ints, or "N targets")."""
+    if tf.is_tensor(n):
+        return "targets"
+    flat = list(n) if isinstance(n, (list, tuple)) or getattr(n, "ndim", 0) >= 1 else None
+    if flat is None:
+        return str(n)
+    return str([int(v) for v in flat]) if len(flat) <= 4 else f"{len(flat)} targets"

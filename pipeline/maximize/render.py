@@ -13,7 +13,7 @@ seeds give the same images, whatever else shares the batch.
 Examples
 --------
 >>> from pipeline.maximize import objectives as obj  # doctest: +SKIP
->>> r = Renderer(model, lambda units: obj.channel("conv3", units), steps=128, scale=(1 / 255, 0))
+>>> r = Renderer(model, lambda units: obj.channel("conv3", units), steps=128)  # doctest: +SKIP
 >>> result = r(seeds=[0, 1, 2, 3], targets=[0, 1, 2, 3])  # doctest: +SKIP
 >>> result.images.shape, result.values.shape  # doctest: +SKIP
 ((4, 32, 32, 3), (4,))
@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,12 +49,15 @@ class RenderResult:
         ``(B,)`` objective on the initial image.
     trace : ndarray
         ``(steps, B)`` objective at each step, on the transformed image that step optimised.
+    measures : ndarray
+        ``(M, B)``: the renderer's ``measures`` on the final image (``(0, B)`` without any).
     """
 
     images: np.ndarray
     values: np.ndarray
     initial: np.ndarray
     trace: np.ndarray
+    measures: np.ndarray
 
 
 def as_adapter(model):
@@ -92,6 +96,9 @@ class Renderer:
         Pixels ``p`` in [0, 255] enter the model as ``p * a + b`` (``parse_scale(data.scale)``).
     size : int
         Image size for models that accept any size.
+    measures : sequence, optional
+        Objectives (or ``targets -> Objective`` callables) evaluated on the final image only,
+        e.g. the logit and probability of a class whose image maximises its log-probability.
     relu_redirect : bool
         Lucid's redirected ReLU gradient: where a ReLU passes no gradient at all for an image
         (the unit is silent on it, as on the grey start image), let through the part of the
@@ -99,7 +106,7 @@ class Renderer:
     """
 
     def __init__(self, model, objective, param=None, transform="standard", steps=256, learning_rate=0.05,
-                 scale=(1 / 255, 0.0), size=128, relu_redirect=True):
+                 scale=(1 / 255, 0.0), size=128, measures=(), relu_redirect=True):
         self.model = as_adapter(model)
         self.height, self.width, self.channels = input_size(self.model, size)
         self.param = param or params_mod.image(self.height, self.width, self.channels)
@@ -110,9 +117,11 @@ class Renderer:
         self.learning_rate = float(learning_rate)
         self.scale = (float(scale[0]), float(scale[1]))
         self.relu_redirect = bool(relu_redirect)
-        self._factory = (lambda targets: objective) if isinstance(objective, Objective) else objective
+        self._factory = _as_factory(objective)
+        self._measures = [_as_factory(m) for m in measures]
         self._extractors = {}
-        self._compiled = tf.function(self._run, reduce_retracing=True)
+        # A partial (no __code__) makes TensorFlow count traces per renderer, not for all renderers together.
+        self._compiled = tf.function(functools.partial(Renderer._run, self), reduce_retracing=True, autograph=False)
 
     # -- randomness, drawn outside the graph so it depends only on each image's seed --
 
@@ -134,7 +143,7 @@ class Renderer:
         targets = np.asarray(targets)
         if len(targets) != len(seeds):
             raise ValueError(f"{len(targets)} targets for {len(seeds)} seeds: give one target per image")
-        layers = self._factory(targets).layers
+        layers = tuple(dict.fromkeys(n for f in [self._factory, *self._measures] for n in f(targets).layers))
         out = self._compiled(tf.constant(raw), tf.constant(targets), tf.constant(uniforms), layers)
         return RenderResult(*(o.numpy() for o in out))
 
@@ -148,15 +157,17 @@ class Renderer:
 
     def _run(self, raw, targets, uniforms, layers):
         objective = self._factory(targets)
+        measures = [m(targets) for m in self._measures]
         names, extract = self._extractor(layers)
         a, b = self.scale
         batch = tf.shape(raw)[0]
 
-        def evaluate(images):
+        def evaluate(images, objectives=(objective,)):
             outputs, logits = extract(images * (255.0 * a) + b)
             acts = dict(zip(names, outputs))
             acts[LOGITS] = logits
-            return tf.broadcast_to(tf.cast(objective(acts), tf.float32), [batch])
+            values = [tf.broadcast_to(tf.cast(o(acts), tf.float32), [batch]) for o in objectives]
+            return values[0] if len(values) == 1 else tf.stack(values)
 
         def step(i, raw, m, v, trace):
             with tf.GradientTape() as tape:
@@ -178,7 +189,17 @@ class Renderer:
         _, raw, _, _, trace = tf.while_loop(lambda i, *_: i < self.steps, step,
                                             (tf.constant(0), raw, zeros, zeros, trace), parallel_iterations=1)
         final = _rounded(self.param(raw))
-        return final, evaluate(final), initial, trace.stack()
+        finals = evaluate(final, (objective, *measures))
+        if not measures:
+            return final, finals, initial, trace.stack(), tf.zeros([0, batch])
+        return final, finals[0], initial, trace.stack(), finals[1:]
+
+
+def _as_factory(objective):
+    """``targets -> Objective`` from an objective (which ignores targets) or such a callable."""
+    if isinstance(objective, Objective):
+        return lambda targets: objective
+    return objective
 
 
 def _redirected_relu_grad(op, grad):

@@ -138,15 +138,26 @@ def identity() -> Transform:
     return compose([])
 
 
-def standard(size) -> Transform:
+def standard(size, scale=(0.9, 1.1), degrees=10.0) -> Transform:
     """Lucid's standard robustness chain, scaled to an image of ``size`` pixels (Lucid's is for 128).
 
     pad 12, jitter 8, scale 0.9-1.1, rotate +-10 degrees, jitter 4 (pixel amounts times
-    ``size / 128``, at least 1). Follow it with :func:`crop_or_pad` for fixed-size models.
+    ``size / 128``, at least 1). ``scale=None`` / ``degrees=None`` leave out those steps
+    (:func:`jitter_only`). Follow it with :func:`crop_or_pad` for fixed-size models.
     """
     k = size / 128.0
 
     def px(n):
         return max(1, int(round(n * k)))
 
-    return compose([pad(px(12)), jitter(px(8)), random_scale(0.9, 1.1), random_rotate(10.0), jitter(px(4))])
+    chain = [pad(px(12)), jitter(px(8))]
+    if scale is not None:
+        chain.append(random_scale(*scale))
+    if degrees:
+        chain.append(random_rotate(degrees))
+    return compose(chain + [jitter(px(4))])
+
+
+def jitter_only(size) -> Transform:
+    """The standard chain without scaling and rotation: padding and random translation only."""
+    return standard(size, scale=None, degrees=None)

@@ -3,6 +3,6 @@
 
 def all_stages():
     """Every available stage, in pipeline order."""
-    from pipeline.stages import cluster, embed, extract, report
+    from pipeline.stages import cluster, embed, extract, maximize, report
 
-    return [extract.STAGE, embed.STAGE, cluster.STAGE, report.STAGE]
+    return [extract.STAGE, embed.STAGE, cluster.STAGE, maximize.STAGE, report.STAGE]

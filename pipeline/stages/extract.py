@@ -103,6 +103,15 @@ def _start(ctx, plan, size, channels):
     return progress
 
 
+def chunk_rows(ex) -> int:
+    """Rows per stored chunk: a whole number of batches, about ``extract.chunk_rows``.
+
+    Large chunks keep zarr writes cheap and the file count low; a killed run redoes at most one
+    chunk's batches.
+    """
+    return ex.batch_size * max(1, round(ex.chunk_rows / ex.batch_size))
+
+
 def _open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
     import zarr
 
@@ -111,18 +120,19 @@ def _open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
         return zarr.open_group(str(path), mode="r+")
     root = zarr.open_group(str(path), mode="w")
     ex = ctx.cfg.extract
+    rows = chunk_rows(ex)
     shapes = {i.name: i.output_shape for i in model.layers}
     for layer in names:
         c = shapes[layer][-1] if kinds[layer] == "map" else int(np.prod(shapes[layer]))
         keys = [k for k in output_keys({layer: kinds[layer]}, ex.reduce, ex.spatial_samples) if k != "logits"]
         for key in keys:
             if key.endswith("/spatial"):
-                shape, chunks, dtype = (n, ex.spatial_samples, c), (ex.batch_size, ex.spatial_samples, c), ex.dtype
+                shape, dtype = (n, ex.spatial_samples, c), ex.dtype
             elif key.endswith("/spatial_pos"):
-                shape, chunks, dtype = (n, ex.spatial_samples, 2), (ex.batch_size, ex.spatial_samples, 2), "int32"
+                shape, dtype = (n, ex.spatial_samples, 2), "int32"
             else:
-                shape, chunks, dtype = (n, c), (ex.batch_size, c), ex.dtype
-            root.create_array(key, shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+                shape, dtype = (n, c), ex.dtype
+            root.create_array(key, shape=shape, chunks=(rows, *shape[1:]), dtype=dtype, fill_value=0)
     root.attrs.update({
         "layers": {l: {"kind": kinds[l], "shape": list(shapes[l]), "path": layer_path(l),
                        "type": next(i.type for i in model.layers if i.name == l)} for l in names},
@@ -133,10 +143,48 @@ def _open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
     return root
 
 
-def _create_logits(root, n, k, batch_size):
-    if "logits" not in root:
-        root.create_array("logits", shape=(n, k), chunks=(batch_size, k), dtype="float32", fill_value=0)
-    return root["logits"]
+def _ensure_array(root, key, n, row_shape, rows, dtype):
+    if key not in root:
+        root.create_array(key, shape=(n, *row_shape), chunks=(rows, *row_shape), dtype=dtype, fill_value=0)
+
+
+class _ChunkWriter:
+    """Writes finished chunks in a background thread, then records them in the progress file.
+
+    One write is in flight at a time, so the device computes the next chunk while the previous
+    one is compressed and stored; progress is recorded only after a chunk's arrays are all on disk.
+    """
+
+    def __init__(self, store, root, progress):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.store, self.root, self.progress = store, root, progress
+        self.handles = {}
+        self.pool = ThreadPoolExecutor(1)
+        self.pending = None
+
+    def submit(self, group, start, arrays, bad):
+        self.wait()
+        self.pending = self.pool.submit(self._write, group, start, arrays, bad)
+
+    def _write(self, group, start, arrays, bad):
+        for key, value in arrays.items():
+            if key not in self.handles:
+                self.handles[key] = self.root[key]
+            self.handles[key][start:start + len(value)] = value
+        self.progress["done"].append(group)
+        for k, v in bad.items():
+            self.progress["nonfinite"][k] = self.progress["nonfinite"].get(k, 0) + v
+        self.store.write_json(PROGRESS, self.progress)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def close(self):
+        self.wait()
+        self.pool.shutdown()
 
 
 def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
@@ -144,47 +192,66 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     from tqdm import tqdm
 
     cfg, ex = ctx.cfg, ctx.cfg.extract
-    n, bs = len(dataset), ex.batch_size
-    batches = [(i, min(i + bs, n)) for i in range(0, n, bs)]
+    n, bs, rows = len(dataset), ex.batch_size, chunk_rows(ex)
+    groups = [(i, min(i + rows, n)) for i in range(0, n, rows)]
     done = set(progress["done"])
-    todo = [b for b, _ in enumerate(batches) if b not in done]
+    todo = [g for g in range(len(groups)) if g not in done]
     thumb = thumbnail_shape(size, ex.thumbnail_size) if ex.thumbnail_size else None
     forward = make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
                            ex.dtype, ex.spatial_samples, thumb)
-    if thumb is not None and "thumbnails" not in root:
-        root.create_array("thumbnails", shape=(n, *thumb, channels), chunks=(bs, *thumb, channels),
-                          dtype="uint8", fill_value=0)
     load = pixel_loader(cfg.data, dataset, size, channels)
     maps = [(li, l) for li, l in enumerate(names) if kinds[l] == "map"]
     shapes = {i.name: i.output_shape for i in model.layers}
 
+    def positions_for(start):
+        if not ex.spatial_samples:
+            return []
+        return [spatial_positions(cfg.seed, li, range(start, start + bs), shapes[l][0], shapes[l][1],
+                                  ex.spatial_samples) for li, l in maps]
+
+    def run_batch(pixels, start):
+        valid = len(pixels)
+        if valid < bs:  # pad the last batch so the compiled graph is reused, not retraced
+            pad = np.zeros((bs - valid, *pixels.shape[1:]), pixels.dtype)
+            pixels = np.concatenate([pixels, pad])
+        positions = positions_for(start)
+        arrays, bad = forward(pixels, positions, valid)
+        for (li, l), pos in zip(maps, positions):
+            arrays[f"{layer_path(l)}/spatial_pos"] = pos[:valid]
+        return arrays, bad
+
     def gen():
-        for b in todo:
-            start, stop = batches[b]
-            yield b, load(np.arange(start, stop))
+        for g in todo:
+            g_start, g_stop = groups[g]
+            for start in range(g_start, g_stop, bs):
+                yield g, start, load(np.arange(start, min(start + bs, g_stop)))
 
     data = tf.data.Dataset.from_generator(gen, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((None, size[0], size[1], channels), tf.uint8)))
-    data = data.prefetch(2)
-    bar = tqdm(total=n, initial=n - sum(batches[b][1] - batches[b][0] for b in todo), unit="img",
+        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64),
+        tf.TensorSpec((None, size[0], size[1], channels), tf.uint8))).prefetch(2)
+    writer = _ChunkWriter(ctx.store, root, progress)
+    bar = tqdm(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
                desc="extract", disable=None, dynamic_ncols=True)
-    for b, pixels in data:
-        b = int(b)
-        start, stop = batches[b]
-        positions = [spatial_positions(cfg.seed, li, range(start, stop), shapes[l][0], shapes[l][1],
-                                       ex.spatial_samples) for li, l in maps] if ex.spatial_samples else []
-        arrays, bad = forward(pixels, positions)
-        for (li, l), pos in zip(maps, positions):
-            arrays[f"{layer_path(l)}/spatial_pos"] = pos
-        _create_logits(root, n, arrays["logits"].shape[1], bs)
-        for key, value in arrays.items():
-            root[key][start:stop] = value
-        progress["done"].append(b)
-        for k, v in bad.items():
-            progress["nonfinite"][k] = progress["nonfinite"].get(k, 0) + v
-        ctx.store.write_json(PROGRESS, progress)
-        bar.update(stop - start)
-    bar.close()
+    parts, bad_total = {}, {}
+    try:
+        for g, start, pixels in data:
+            g, start, pixels = int(g), int(start), pixels.numpy()
+            arrays, bad = run_batch(pixels, start)
+            for key, value in arrays.items():
+                parts.setdefault(key, []).append(value)
+            for k, v in bad.items():
+                bad_total[k] = bad_total.get(k, 0) + v
+            bar.update(len(pixels))
+            if start + len(pixels) >= groups[g][1]:
+                merged = {k: np.concatenate(v) for k, v in parts.items()}
+                _ensure_array(root, "logits", n, merged["logits"].shape[1:], rows, "float32")
+                if "thumbnails" in merged:
+                    _ensure_array(root, "thumbnails", n, merged["thumbnails"].shape[1:], rows, "uint8")
+                writer.submit(g, groups[g][0], merged, bad_total)
+                parts, bad_total = {}, {}
+    finally:
+        writer.close()
+        bar.close()
 
 
 STAGE = Stage(name="extract", deps=(), params=_params, inputs=_inputs,

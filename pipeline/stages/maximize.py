@@ -8,12 +8,19 @@ channel space; batches of them are optimised together in one compiled graph per 
 and described by one row of ``maximize/index.parquet``:
 
 kind, layer, channel, cluster, class, class_name, seed, activation, dataset_max, score, z_score,
-score_valid, dataset_mean, dataset_std, reduction, path, params_hash
+score_valid, dataset_mean, dataset_std, reduction, probability, path, params_hash
 
 ``activation`` is what the final PNG (un-transformed) reaches: the channel mean for units (the
-extract stage's ``mean``), the projection on the cluster direction, or the class logit.
-``score`` = activation / dataset max (NaN with ``score_valid`` False where the dataset max is
-≤ ~0); ``z_score`` = (activation − dataset mean) / dataset std.
+extract stage's ``mean``), the projection on the cluster direction (``centroid / std``: the
+cluster stage's centroids live in z-scored space), or the class logit. ``score`` = activation /
+dataset max (NaN with ``score_valid`` False where the dataset max is ≤ ~0); ``z_score`` =
+(activation − dataset mean) / dataset std. ``probability`` (class images only) is the model's
+softmax probability of the class on the image.
+
+Class images maximise the class's log-probability rather than its bare logit: on the demo model
+raising the 'triangle' logit raises the 'cross' logit faster, so a logit-only image is classified
+as a cross. They use padding and jitter only: scale/rotation robustness cost the demo's 'square'
+image most of its probability. ``maximize.transforms`` applies to unit and cluster images.
 
 Resuming: each finished batch is added to ``maximize/<layer>.part.parquet``; a rerun with the
 same render parameters (model, scale, seed, steps, size, learning rate, parameterisation,
@@ -35,7 +42,8 @@ ZARR = "activations.zarr"
 INDEX = "maximize/index.parquet"
 CLUSTERS = "cluster_summary.parquet"
 COLUMNS = ["kind", "layer", "channel", "cluster", "class", "class_name", "seed", "activation", "dataset_max",
-           "score", "z_score", "score_valid", "dataset_mean", "dataset_std", "reduction", "path", "params_hash"]
+           "score", "z_score", "score_valid", "dataset_mean", "dataset_std", "reduction", "probability", "path",
+           "params_hash"]
 _INT_COLUMNS = ("channel", "cluster", "class")
 MODULES = ("pipeline.maximize.render", "pipeline.maximize.params", "pipeline.maximize.transforms",
            "pipeline.maximize.objectives", "pipeline.maximize.quality", "pipeline.maximize.plan")
@@ -53,6 +61,7 @@ def _render_hash(cfg):
     return hash_json({"model": file_hash(cfg.model), "scale": cfg.data.scale, "seed": cfg.seed,
                       "render": mx.model_dump(mode="json", include={"steps", "size", "learning_rate", "param",
                                                                     "decorrelate", "transforms", "relu_redirect"}),
+                      "classes": "logprob+jitter",
                       "code": code})
 
 
@@ -131,7 +140,7 @@ def _layer_group(ctx, root, info, layer, clusters):
     if array is None:
         ctx.log(f"maximize: {layer}: no stored activations to score against; skipped")
         return _Group(info["path"], layer, [], None, None)
-    if reduction != "mean":
+    if info["kind"] == "map" and reduction != "mean":
         ctx.log(f"maximize: {layer}: no 'mean' activations stored; scores compare with the stored '{reduction}'")
     n_channels = int(array.shape[1])
     directions = np.zeros((0, n_channels), np.float32)
@@ -212,16 +221,22 @@ def _resume(store, groups, params_hash):
     return done, todo
 
 
-def _renderer(ctx, model, objective_layer):
-    from pipeline.maximize import objectives, params, render, transforms
+def _renderer(ctx, model, group):
+    """The compiled loop of a group: a direction objective for layers, log-probability for classes."""
+    from pipeline.maximize import objectives as obj
+    from pipeline.maximize import params, render, transforms
 
     mx = ctx.cfg.maximize
     h, w, c = render.input_size(model, mx.size)
     param = params.image(h, w, c, fft=mx.param == "fourier", decorrelate=mx.decorrelate)
-    transform = "standard" if mx.transforms == "standard" else transforms.identity()
-    return render.Renderer(model, lambda vectors: objectives.direction(objective_layer, vectors), param=param,
-                           transform=transform, steps=mx.steps, learning_rate=mx.learning_rate,
-                           scale=parse_scale(ctx.cfg.data.scale), size=mx.size, relu_redirect=mx.relu_redirect)
+    kind = "jitter" if group.objective_layer == obj.LOGITS and mx.transforms != "none" else mx.transforms
+    transform = {"standard": transforms.standard, "jitter": transforms.jitter_only}.get(kind, lambda size: None)
+    common = dict(param=param, transform=transform(max(h, w)), steps=mx.steps, learning_rate=mx.learning_rate,
+                  scale=parse_scale(ctx.cfg.data.scale), size=mx.size, relu_redirect=mx.relu_redirect)
+    if group.objective_layer == obj.LOGITS:
+        return render.Renderer(model, obj.class_logprob, measures=(obj.class_logit, obj.class_probability), **common)
+    layer = group.objective_layer
+    return render.Renderer(model, lambda vectors: obj.direction(layer, vectors), **common)
 
 
 def _render_all(ctx, groups, todo, done, params_hash):
@@ -241,7 +256,7 @@ def _render_all(ctx, groups, todo, done, params_hash):
     for g in groups:
         if not todo[g.name]:
             continue
-        renderer = _renderer(ctx, model, g.objective_layer)
+        renderer = _renderer(ctx, model, g)
         batches = plan.batches(todo[g.name], mx.batch_size)
         for batch in batches:
             if deadline is not None and time.monotonic() > deadline:
@@ -259,12 +274,16 @@ def _render_all(ctx, groups, todo, done, params_hash):
 def _render_batch(ctx, renderer, batch, params_hash, size):
     """Render one batch (padded to ``size`` by repeating its last target), write PNGs, return rows."""
     padded = batch + [batch[-1]] * (size - len(batch))
-    result = renderer([t.seed for t in padded], np.stack([t.vector for t in padded]))
+    classes = batch[0].kind == "class"
+    targets = np.array([t.index for t in padded]) if classes else np.stack([t.vector for t in padded])
+    result = renderer([t.seed for t in padded], targets)
+    activation = result.measures[0] if classes else result.values
     rows = []
     for i, t in enumerate(batch):
         ctx.store.write_bytes(t.path, _png(result.images[i]))
         rows.append({"key": t.key, "kind": t.kind, "layer": t.layer, "index": t.index, "class_name": t.class_name,
-                     "seed": t.seed, "activation": float(result.values[i]), "initial": float(result.initial[i]),
+                     "seed": t.seed, "activation": float(activation[i]), "initial": float(result.initial[i]),
+                     "probability": float(result.measures[1][i]) if classes else np.nan,
                      "path": t.path, "params_hash": params_hash})
     return pd.DataFrame(rows)
 
@@ -302,6 +321,7 @@ def _index(groups, done, params_hash):
             "seed": got["seed"].to_numpy(np.int64), "activation": got["activation"].to_numpy(),
             "dataset_max": stats.max, "score": score, "z_score": z, "score_valid": valid,
             "dataset_mean": stats.mean, "dataset_std": stats.std, "reduction": g.reduction,
+            "probability": got["probability"].to_numpy(float) if "probability" in got else np.nan,
             "path": got["path"].to_numpy(), "params_hash": params_hash}))
     index = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COLUMNS)
     for col in _INT_COLUMNS:

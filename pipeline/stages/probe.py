@@ -1,0 +1,229 @@
+"""Probe stage (the shortcut finder): does the model decide by colour, texture or shape?
+
+Runs the model on a seeded, class-stratified sample of the analysed images, once as they are and
+once per counterfactual probe (:mod:`pipeline.probes`), with the same multi-output forward pass
+as the extract stage (the extracted layers, channel means). From the logits it computes per class
+and probe the accuracy / logit / break-rate changes with bootstrap intervals and a verdict per
+class (:mod:`pipeline.bias`); from the activations, each unit's sensitivity to each probe.
+
+Writes
+------
+``bias.parquet``           one row per (class, probe): see ``pipeline.bias.BIAS_COLUMNS``
+``bias_verdicts.parquet``  one row per class: verdict, effect size and interval, cue, reason
+``probe_units.parquet``    one row per unit: layer, channel, colour/texture/shape_sensitivity,
+                           ``<probe>_sensitivity`` per probe
+``probe_clusters.parquet`` per neuron cluster, mean of its units (only when ``clusters.parquet``
+                           exists; ``clusters.parquet`` itself is never modified — the report
+                           joins, or calls ``pipeline.bias.cluster_sensitivity`` on the current
+                           tables)
+``probes/``                ``examples.png`` (rows: example images; columns: original, each probe),
+                           ``<probe>.png`` (the same examples under one probe), ``index.parquet``
+
+Unlabelled images (or labels the model's outputs cannot be matched to) skip the class tables,
+which are then written empty, with the reason logged and in the manifest summary; unit
+sensitivities are computed in every case.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+from pipeline.runner import Stage, file_hash
+
+OUTPUTS = ("bias.parquet", "bias_verdicts.parquet", "probe_units.parquet", "probes")
+
+
+def _params(cfg):
+    return {"probe": cfg.probe.model_dump(mode="json"), "seed": cfg.seed}
+
+
+def _inputs(cfg):
+    return {"model": file_hash(cfg.model)}
+
+
+def sample_rows(labels, max_images, seed) -> np.ndarray:
+    """Positions of the probed images: a seeded class-stratified sample, in dataset order."""
+    from pipeline.images import stratified_sample
+
+    return stratified_sample(np.asarray(labels), max_images, seed)
+
+
+def class_support(labels, n_outputs):
+    """``None`` when per-class metrics can be computed, else the reason they cannot."""
+    labels = np.asarray(labels)
+    if not (labels >= 0).any():
+        return "the images are unlabelled"
+    if labels.max() >= n_outputs:
+        return (f"labels go up to {labels.max()} but the model has {n_outputs} outputs: "
+                "classes cannot be matched to outputs")
+    return None
+
+
+def run(ctx):
+    from pipeline import bias
+    from pipeline.probes import make_probes
+
+    cfg, store = ctx.cfg, ctx.store
+    dataset = store.read_table("dataset.parquet")
+    rows = sample_rows(dataset["label"].to_numpy(), cfg.probe.max_images, cfg.seed)
+    model, names, kinds, size, channels = _model(ctx)
+    probes = make_probes(cfg.probe)
+    active = [p for p in probes if p.applicable(channels)]
+    skipped = {p.name: f"not applicable: the model takes {channels}-channel (grey) images"
+               for p in probes if not p.applicable(channels)}
+    for name, why in skipped.items():
+        ctx.log(f"probe: {name}: {why}")
+    ctx.log(f"probe: {len(rows)} images x {len(active) + 1} passes ({', '.join(p.name for p in active)})")
+
+    logits, probed, units, examples = _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, active)
+    groups = {p.name: p.group for p in probes}
+    store.write_table("probe_units.parquet", units.table(groups))
+
+    labels = dataset["label"].to_numpy()[rows]
+    why_not = class_support(labels, logits.shape[1])
+    summary = {"images": int(len(rows)), "probes": [p.name for p in active],
+               "not_applicable": sorted(skipped)}
+    if why_not:
+        ctx.log(f"probe: per-class metrics skipped: {why_not}; unit sensitivities computed")
+        table, verdicts = pd.DataFrame(columns=bias.BIAS_COLUMNS), pd.DataFrame(columns=bias.VERDICT_COLUMNS)
+        summary["class_metrics"] = f"skipped: {why_not}"
+    else:
+        table, verdicts = _class_tables(ctx, dataset, rows, labels, logits, probed, groups, skipped)
+        summary["verdicts"] = {r["class_name"]: r["verdict"] for r in verdicts.to_dict("records")}
+    store.write_table("bias.parquet", table)
+    store.write_table("bias_verdicts.parquet", verdicts)
+    if store.exists("clusters.parquet"):
+        store.write_table("probe_clusters.parquet",
+                          bias.cluster_sensitivity(store.read_table("probe_units.parquet"),
+                                                   store.read_table("clusters.parquet")))
+    else:
+        store.remove("probe_clusters.parquet")
+    _write_examples(store, examples, active, channels)
+    for r in verdicts.to_dict("records"):
+        ctx.log(f"probe: {r['class_name']}: {r['verdict']} "
+                f"(effect {r['effect_size']:.2f} [{r['effect_ci_low']:.2f}, {r['effect_ci_high']:.2f}])")
+    return summary
+
+
+def _model(ctx):
+    from pipeline.models import load_model
+    from pipeline.stages.activations import open_activations
+    from pipeline.stages.extract import input_geometry
+
+    cfg = ctx.cfg
+    model = load_model(cfg.model, cfg.trust_model)
+    size, channels = input_geometry(model, cfg.data)
+    _, names, infos = open_activations(ctx.store)
+    return model, names, {n: infos[n]["kind"] for n in names}, size, channels
+
+
+def _class_tables(ctx, dataset, rows, labels, logits, probed, groups, skipped):
+    from pipeline import bias
+
+    cfg = ctx.cfg
+    keep = labels >= 0
+    names = (dataset.iloc[rows][keep].drop_duplicates("label").set_index("label")["class_name"]
+             .astype(str).to_dict())
+    rules = bias.Rules.from_config(cfg.probe)
+    sub = {k: v[keep] for k, v in probed.items()}
+    return bias.shortcut_tables(labels[keep], names, logits[keep], sub, groups, cfg.seed, rules, skipped)
+
+
+def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes):
+    """Logits ``(n, K)`` on the originals, ``{probe: (n, K)}``, unit sensitivities and examples."""
+    from tqdm import tqdm
+
+    from pipeline.bias import UnitSensitivity
+    from pipeline.config import parse_scale
+    from pipeline.dataset import pixel_loader
+    from pipeline.forward import make_forward
+
+    cfg = ctx.cfg
+    forward = make_forward(model.build_extractor(names), kinds, ["mean"], parse_scale(cfg.data.scale))
+    load = pixel_loader(cfg.data, dataset, size, channels)
+    index = dataset["index"].to_numpy()
+    keys = {l: _key(l, kinds[l]) for l in names}
+    units, logits, probed = UnitSensitivity(), [], {p.name: [] for p in probes}
+    examples = _example_rows(dataset["label"].to_numpy()[rows], cfg.probe.examples)
+    shown = {"original": []} | {p.name: [] for p in probes}
+    bs = cfg.extract.batch_size
+    bar = tqdm(total=len(rows), unit="img", desc="probe", disable=None, dynamic_ncols=True)
+    for start in range(0, len(rows), bs):
+        batch = rows[start:start + bs]
+        pixels = load(batch)
+        base, _ = forward(pixels)
+        logits.append(base["logits"])
+        outs = {}
+        pick = [i - start for i in examples if start <= i < start + len(batch)]
+        shown["original"] += [pixels[i] for i in pick]
+        for p in probes:
+            changed = p(pixels, index[batch], cfg.seed)
+            outs[p.name], _ = forward(changed)
+            probed[p.name].append(outs[p.name]["logits"])
+            shown[p.name] += [changed[i] for i in pick]
+        for l in names:
+            units.update(l, base[keys[l]], {p: o[keys[l]] for p, o in outs.items()})
+        bar.update(len(batch))
+    bar.close()
+    cat = (lambda parts: np.concatenate(parts).astype(np.float32))
+    return cat(logits), {k: cat(v) for k, v in probed.items()}, units, shown
+
+
+def _key(layer, kind):
+    """The forward pass's array of a layer's per-unit values (channel means, or a dense layer's values)."""
+    from pipeline.forward import layer_path
+
+    return f"{layer_path(layer)}/{'mean' if kind == 'map' else 'value'}"
+
+
+def _example_rows(labels, k) -> list:
+    """Positions (into the sample) of ``k`` example images: the first of each class in turn."""
+    labels = np.asarray(labels)
+    order = []
+    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    for depth in range(k):
+        for members in by_class:
+            if depth < len(members) and len(order) < k:
+                order.append(int(members[depth]))
+    return sorted(order)
+
+
+def _write_examples(store, shown, probes, channels, cell=96):
+    """``probes/examples.png`` (grid), ``probes/<probe>.png`` (strips), ``probes/index.parquet``."""
+    from PIL import Image
+
+    def strip(images):
+        row = np.concatenate([_upscale(im, cell) for im in images], axis=1)
+        return row[..., 0] if channels == 1 else row
+
+    def png(array):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    folder = store.partial_dir("probes")
+    columns = ["original", *[p.name for p in probes]]
+    entries = []
+    if shown["original"]:
+        grid = np.concatenate([strip([shown[c][i] for c in columns]) for i in range(len(shown["original"]))], axis=0)
+        (folder / "examples.png").write_bytes(png(grid))
+        for c in columns:
+            (folder / f"{c}.png").write_bytes(png(strip(shown[c])))
+        descriptions = {p.name: (p.group, p.description) for p in probes}
+        entries = [{"probe": c, "group": descriptions.get(c, ("", ""))[0],
+                    "description": descriptions.get(c, ("", "the images as analysed"))[1],
+                    "path": f"probes/{c}.png"} for c in columns]
+    pd.DataFrame(entries, columns=["probe", "group", "description", "path"]).to_parquet(folder / "index.parquet",
+                                                                                        index=False)
+    store.publish_dir("probes")
+
+
+def _upscale(image, cell):
+    f = max(1, cell // max(image.shape[:2]))
+    return np.repeat(np.repeat(np.asarray(image, dtype=np.uint8), f, axis=0), f, axis=1)
+
+
+STAGE = Stage(name="probe", deps=("extract",), params=_params, inputs=_inputs, outputs=OUTPUTS, run=run,
+              version="1", modules=("pipeline.probes", "pipeline.bias", "pipeline.forward", "pipeline.dataset"))
