@@ -52,7 +52,10 @@ interval of ``lost_A - lost_B`` is above 0.
 3. texture matters and beats shape (texture survives patch shuffling, shape does not) →
    **relies on texture**; when 2 and 3 both hold, the larger loss wins and the reason names the
    other;
-4. shape matters and beats both colour and texture → **shape-driven**;
+4. shape matters, beats both colour and texture, and neither of those matters →
+   **shape-driven** (patch shuffling also adds edges at the patch borders, which a texture
+   model reads as texture: only when blur leaves the decision alone is a patch-shuffle loss
+   evidence for shape);
 5. otherwise **inconclusive**, with the reason (nothing matters; blur and patch shuffle matter
    equally …).
 
@@ -417,7 +420,8 @@ def decide(effects, contrasts, n, n_correct, accuracy=np.nan, n_classes=None, ru
         return ("relies on texture", "texture", effects["texture"],
                 f"{evidence}; blur loses {_fmt(contrasts[('texture', 'shape')])} more than patch shuffling, "
                 f"which keeps texture{caveat}")
-    if matters("shape") and all(beats("shape", c) for c in ("colour", "texture") if c in effects):
+    others = [c for c in ("colour", "texture") if c in effects]
+    if matters("shape") and all(beats("shape", c) and not matters(c) for c in others):
         grey = " (colour not testable: grey images)" if "colour" not in effects else ""
         return "shape-driven", "shape", effects["shape"], f"{evidence}{grey}{caveat}"
     cue, effect = _largest(effects)
@@ -446,7 +450,7 @@ def _why_inconclusive(effects, t, matters) -> str:
     if "shape" not in effects:
         return "patch shuffle was not run, so texture and shape cannot be told apart"
     if strong == ["texture", "shape"]:
-        return "blur and patch shuffle both matter, neither clearly more (texture and shape cannot be told apart)"
+        return "blur and patch shuffle both matter (texture and shape cannot be told apart)"
     return f"{' and '.join(strong)} {'matters' if len(strong) == 1 else 'matter'}, but not clearly more than the others"
 
 

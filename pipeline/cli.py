@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-STAGE_NAMES = ("extract", "embed", "cluster", "maximize", "report")
+STAGE_NAMES = ("extract", "embed", "cluster", "probe", "maximize", "report")
 
 
 def _parser() -> argparse.ArgumentParser:

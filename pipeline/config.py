@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UserError
 
 REDUCTIONS = ("mean", "max")
-STAGES = ("extract", "embed", "cluster", "maximize", "report")
+STAGES = ("extract", "embed", "cluster", "probe", "maximize", "report")
 
 
 class _Section(BaseModel):

@@ -19,6 +19,9 @@ TABLES = {
     "neuron_embeddings": "embeddings/neurons.parquet",
     "embedding_quality": "embeddings/quality.parquet",
     "maximize": "maximize/index.parquet",
+    "bias": "bias.parquet",
+    "bias_verdicts": "bias_verdicts.parquet",
+    "probe_units": "probe_units.parquet",
 }
 
 

@@ -128,10 +128,17 @@ class Runner:
         return self._input_cache[stage.name]
 
     def expected(self, stage) -> dict:
-        """What the manifest must say for ``stage`` to be up to date."""
+        """What the manifest must say for ``stage`` to be up to date.
+
+        An upstream stage counts by the fingerprint it recorded when it last finished (what
+        this stage actually read), not by what it would record now.
+        """
         inputs = dict(self._inputs(stage))
+        recorded = self.manifest()["stages"]
         for dep in stage.deps:
-            inputs[f"stage:{dep}"] = self.fingerprint(self.by_name[dep])
+            rec = recorded.get(dep, {})
+            inputs[f"stage:{dep}"] = (rec.get("fingerprint") if rec.get("status") == "done"
+                                      else None) or self.fingerprint(self.by_name[dep])
         return {
             "params_hash": hash_json(stage.params(self.cfg)),
             "input_hashes": inputs,
@@ -150,6 +157,10 @@ class Runner:
         missing = [o for o in stage.outputs if not self.store.exists(o)]
         if missing:
             return "missing", f"output {missing[0]} is missing"
+        for dep in stage.deps:
+            dep_status, _ = self.state(self.by_name[dep], manifest)
+            if dep_status != "done":
+                return "stale", f"upstream stage '{dep}' is {dep_status}"
         exp = self.expected(stage)
         if rec.get("code_version") != exp["code_version"]:
             return "stale", f"code version changed ({rec.get('code_version')} -> {exp['code_version']})"

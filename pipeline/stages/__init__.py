@@ -3,6 +3,6 @@
 
 def all_stages():
     """Every available stage, in pipeline order."""
-    from pipeline.stages import cluster, embed, extract, maximize, report
+    from pipeline.stages import cluster, embed, extract, maximize, probe, report
 
-    return [extract.STAGE, embed.STAGE, cluster.STAGE, maximize.STAGE, report.STAGE]
+    return [extract.STAGE, embed.STAGE, cluster.STAGE, probe.STAGE, maximize.STAGE, report.STAGE]

@@ -43,7 +43,9 @@ def embed_layer(acts, layer, labels, cfg):
     images, neurons, quality = [], [], []
     if "images" in e.of:
         feats = E.prepare_features(acts, pca=e.pca, random_state=cfg.seed)
-        for method in e.methods:
+        # A layer whose units are all constant or NaN gives no features: nothing to embed.
+        methods = e.methods if feats.shape[1] else []
+        for method in methods:
             xy = _embed_one(feats, method, cfg)
             images.append(E.image_embedding_table(layer, method, xy))
             quality.append(_quality(feats, xy, labels, cfg, "images", method, layer))
@@ -77,6 +79,8 @@ def run(ctx):
         # Pooled activations (N, C) fit in memory; the per-image maps never are loaded here.
         acts = np.asarray(layer_array(root, infos[layer], "mean")[:], dtype=np.float32)
         im, ne, q = embed_layer(acts, layer, labels, cfg)
+        if not im and not ne:
+            ctx.log(f"embed: {layer}: every unit is constant or NaN; nothing to embed, skipped")
         images += im
         neurons += ne
         quality += q

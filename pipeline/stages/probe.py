@@ -98,6 +98,9 @@ def run(ctx):
         store.write_table("probe_clusters.parquet",
                           bias.cluster_sensitivity(store.read_table("probe_units.parquet"),
                                                    store.read_table("clusters.parquet")))
+        # Which neuron clusters were joined: the report can tell whether they are still current.
+        cluster_stage = (store.read_json("manifest.json", default={}) or {}).get("stages", {}).get("cluster", {})
+        summary["clusters_fingerprint"] = cluster_stage.get("fingerprint")
     else:
         store.remove("probe_clusters.parquet")
     _write_examples(store, examples, active, channels)
@@ -226,4 +229,5 @@ def _upscale(image, cell):
 
 
 STAGE = Stage(name="probe", deps=("extract",), params=_params, inputs=_inputs, outputs=OUTPUTS, run=run,
-              version="1", modules=("pipeline.probes", "pipeline.bias", "pipeline.forward", "pipeline.dataset"))
+              version="1", modules=("pipeline.probes", "pipeline.bias", "pipeline.forward", "pipeline.dataset",
+                                    "pipeline.images", "pipeline.models"))

@@ -38,7 +38,7 @@ def run(ctx):
 
 
 # Every analysis stage is a dependency, so a new embedding or clustering makes the report stale.
-STAGE = Stage(name="report", deps=("extract", "embed", "cluster", "maximize"), params=_params, inputs=_inputs,
+STAGE = Stage(name="report", deps=("extract", "embed", "cluster", "probe", "maximize"), params=_params, inputs=_inputs,
               outputs=("report.json",), run=run, version="1",
               modules=("pipeline.report", "pipeline.report.build", "pipeline.report.pages",
                        "pipeline.report.data", "pipeline.report.figures", "pipeline.report.atlas",
