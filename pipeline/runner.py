@@ -181,15 +181,13 @@ class Runner:
         for n in (only, from_stage):
             if n is not None and n not in names:
                 raise UserError(f"unknown stage '{n}' (stages: {', '.join(names)})")
-        if only:
-            return [self.by_name[only]]
-        start = names.index(from_stage) if from_stage else 0
         if from_stage:
-            return self.stages[start:]
-        if force:
-            return list(self.stages)
+            return self.stages[names.index(from_stage):]
         manifest = self.manifest()
-        return [s for s in self.stages if self.state(s, manifest)[0] != "done"]
+        chosen = [self.by_name[only]] if only else self.stages
+        if force:
+            return list(chosen)
+        return [s for s in chosen if self.state(s, manifest)[0] != "done"]
 
     def run(self, only=None, from_stage=None, force=False) -> list[tuple[str, str]]:
         """Run what is needed; return ``(stage, outcome)`` pairs."""
@@ -198,7 +196,7 @@ class Runner:
         for stage in self.stages:
             if stage.name not in planned:
                 status, reason = self.state(stage)
-                if status == "done":
+                if status == "done" and (only is None or stage.name == only):
                     results.append((stage.name, "skipped (up to date)"))
                     print(f"{stage.name}: up to date, skipped", file=sys.stderr)
                 continue

@@ -73,13 +73,14 @@ def test_lambda_model_is_refused_unless_trusted(tmp_path, setup):
     out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
     for fmt in ("keras", "h5"):
         path = zoo.save(keras.Model(inp, out), tmp_path / f"lam_{fmt}", fmt)
-        refused = run_cli("run", "--model", path, "--images", str(root / "images"), "--out", str(tmp_path / fmt))
+        refused = run_cli("run", "--model", path, "--images", str(root / "images"), "--out", str(tmp_path / fmt),
+                          "--only", "extract")
         assert refused.returncode == 2, refused.stderr
         assert "Lambda layer 'double'" in refused.stderr and "--trust-model" in refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
         assert not (tmp_path / fmt / "activations.zarr").exists()
         trusted = run_cli("run", "--model", path, "--images", str(root / "images"), "--out",
-                          str(tmp_path / fmt), "--trust-model")
+                          str(tmp_path / fmt), "--trust-model", "--only", "extract")
         assert trusted.returncode == 0, trusted.stderr
         assert load_run(tmp_path / fmt).activations("conv").shape == (9, 2)
 
@@ -109,9 +110,9 @@ def test_custom_object_is_refused_before_any_code_runs(tmp_path, setup):
 def test_second_run_skips_and_layer_change_reruns(tmp_path, setup, capsys):
     root, model = setup
     path = config(tmp_path, model, root / "images")
-    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), "--only", "extract"]) == 0
     capsys.readouterr()
-    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), "--only", "extract"]) == 0
     assert "extract: up to date, skipped" in capsys.readouterr().err
 
     assert main(["status", str(tmp_path / "run")]) == 0
@@ -120,14 +121,15 @@ def test_second_run_skips_and_layer_change_reruns(tmp_path, setup, capsys):
     path = config(tmp_path, model, root / "images", layers=["conv_a"])
     assert main(["status", str(path)]) == 0
     assert "extract   stale    parameters changed" in capsys.readouterr().out
-    assert main(["run", str(path)]) == 0
+    assert main(["extract", str(path)]) == 0
     assert "extract: running" in capsys.readouterr().err
     assert load_run(tmp_path / "run").layer_names == ["conv_a"]
 
-    assert main(["run", str(path), "--force"]) == 0
+    assert main(["extract", str(path), "--force"]) == 0
     assert "extract: running" in capsys.readouterr().err
     assert main(["run", str(path), "--only", "extract"]) == 0
-    assert "extract: running" in capsys.readouterr().err
+    assert "extract: up to date, skipped" in capsys.readouterr().err
+
 
 
 def test_status_reports_changed_inputs(tmp_path, setup, capsys):
@@ -135,7 +137,7 @@ def test_status_reports_changed_inputs(tmp_path, setup, capsys):
     images = tmp_path / "imgs"
     zoo.image_folder(images, per_class=2)
     path = config(tmp_path, model, images)
-    assert main(["run", str(path)]) == 0
+    assert main(["run", str(path), "--only", "extract"]) == 0
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(images / "a" / "new.png")
     capsys.readouterr()
     assert main(["status", str(tmp_path / "run")]) == 0
@@ -181,7 +183,7 @@ def test_bad_files_are_skipped_with_reasons_and_good_ones_used(tmp_path, setup):
     good = zoo.image_folder(images, per_class=3)
     expected = bad_files(images / "b")
     path = config(tmp_path, model, images, data={"images": str(images), "max_pixels": 50_000_000})
-    result = run_cli("run", str(path))
+    result = run_cli("run", str(path), "--only", "extract")
     assert result.returncode == 0, result.stderr
     run = load_run(tmp_path / "run")
     assert sorted(run.dataset.path) == sorted(str(p) for p in good)

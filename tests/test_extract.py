@@ -57,7 +57,7 @@ def test_every_architecture_and_format_extracts(tmp_path, folder, arch, fmt):
     path = zoo.save(model, tmp_path / arch, fmt)
     config = write_config(tmp_path, path, folder)
 
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), "--only", "extract"]) == 0
 
     run = load_run(tmp_path / "run")
     assert len(run.dataset) == 12 and set(run.dataset.class_name) == {"a", "b", "c"}
@@ -71,7 +71,7 @@ def test_every_architecture_and_format_extracts(tmp_path, folder, arch, fmt):
 def test_batchnorm_runs_in_inference_mode(tmp_path, folder):
     model = zoo.randomize_batchnorm(zoo.batchnorm())
     config = write_config(tmp_path, zoo.save(model, tmp_path / "bn", "keras"), folder, layers=["bn"])
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), "--only", "extract"]) == 0
     run = load_run(tmp_path / "run")
     # Training-mode BatchNorm would normalise each batch to mean beta; inference uses the moving stats.
     expected = reference_outputs(model, run.dataset.path.tolist(), "bn").mean(axis=(1, 2))
@@ -81,7 +81,7 @@ def test_batchnorm_runs_in_inference_mode(tmp_path, folder):
 def test_auto_layers_are_conv_and_dense_and_logits_are_pre_softmax(tmp_path, folder):
     model = zoo.sequential()
     config = write_config(tmp_path, zoo.save(model, tmp_path / "m", "keras"), folder)
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), "--only", "extract"]) == 0
     run = load_run(tmp_path / "run")
     assert run.layer_names == ["conv_a", "conv_b", "out"]
     probs = np.asarray(model(load_pixels(run.dataset.path.tolist())))
@@ -95,7 +95,7 @@ def test_spatial_samples_and_float16(tmp_path, folder):
     model = zoo.sequential()
     config = write_config(tmp_path, zoo.save(model, tmp_path / "m", "keras"), folder,
                           extract={"batch_size": 5, "spatial_samples": 3, "dtype": "float16"})
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), "--only", "extract"]) == 0
     run = load_run(tmp_path / "run")
     spatial = run.activations("conv_a", "spatial")
     pos = run.activations("conv_a", "spatial_pos")[:]
@@ -112,7 +112,7 @@ def test_npz_input_with_labels(tmp_path):
     cfg = {"out": str(tmp_path / "run"), "model": zoo.save(zoo.sequential(), tmp_path / "m", "keras"),
            "data": {"npz": str(tmp_path / "d.npz")}, "extract": {"batch_size": 3}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    assert main(["run", str(tmp_path / "c.yaml")]) == 0
+    assert main(["run", str(tmp_path / "c.yaml"), "--only", "extract"]) == 0
     run = load_run(tmp_path / "run")
     assert run.dataset.class_name.tolist() == ["cat", "dog", "cat", "dog", "cat", "dog", "dog"]
     assert run.activations("conv_a").shape == (7, 4)
@@ -121,10 +121,10 @@ def test_npz_input_with_labels(tmp_path):
 def test_limit_takes_a_seeded_stratified_sample(tmp_path, folder):
     model_path = zoo.save(zoo.sequential(), tmp_path / "m", "keras")
     config = write_config(tmp_path, model_path, folder, data={"images": str(folder), "limit": 6})
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), "--only", "extract"]) == 0
     first = load_run(tmp_path / "run").dataset
     assert first.class_name.value_counts().to_dict() == {"a": 2, "b": 2, "c": 2}
-    assert main(["run", str(config), "--force"]) == 0
+    assert main(["run", str(config), "--only", "extract", "--force"]) == 0
     assert load_run(tmp_path / "run").dataset.path.tolist() == first.path.tolist()
 
 
@@ -141,7 +141,7 @@ def test_nan_outputs_are_reported_per_layer(tmp_path, folder, capsys):
     model.get_layer("broken").set_weights([kernel, bias])
     config = write_config(tmp_path, zoo.save(model, tmp_path / "nan", "keras"), folder,
                           layers=["conv", "broken"])
-    assert main(["run", str(config)]) == 0
+    assert main(["run", str(config), "--only", "extract"]) == 0
     err = capsys.readouterr().err
     assert "layer broken produced" in err and "NaN/Inf" in err
     run = load_run(tmp_path / "run")

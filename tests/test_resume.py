@@ -26,7 +26,7 @@ def heavy_model():
 
 def start(config):
     env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "extract", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
