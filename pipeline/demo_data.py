@@ -325,6 +325,11 @@ def train_demo_model(x, y, seed, epochs=DEFAULT_EPOCHS, batch_size=64, learning_
     """
     keras = _keras()
     keras.utils.set_random_seed(seed)
+    # Multi-threaded CPU kernels sum in varying order; deterministic ops make the same seed give
+    # the same weights on every machine run, as the demo's reproducibility promise needs.
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
     n_classes = n_classes or int(np.max(y)) + 1
     model = build_demo_model(x.shape[1:], n_classes)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
