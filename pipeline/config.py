@@ -90,6 +90,9 @@ class ReportConfig(_Section):
     examples: int = Field(default=12, ge=1)            # per class: most confident / most confused images
     atlas_grid: int = Field(default=14, ge=2)          # activation-atlas cells per side
     atlas_points: int = Field(default=20000, ge=100)   # images sampled for an atlas (bounds memory)
+    explorer: bool = True                              # interactive maps on the layer pages (Bokeh, stored in js/)
+    explorer_max_points: int = Field(default=50000, ge=100)  # more images: a seeded sample is shown (and said so)
+    explorer_thumbnail_size: int = Field(default=48, ge=8)   # px, longer side of a hover thumbnail in the sprite sheets
 
 
 class ProbeConfig(_Section):
@@ -123,6 +126,11 @@ class Config(_Section):
     maximize: MaximizeConfig = MaximizeConfig()
     report: ReportConfig = ReportConfig()
     probe: ProbeConfig = ProbeConfig()
+    # Where the heavy stages run: this process (local) or a Dask cluster (dask). They give the
+    # same arrays and tables; none of these keys is part of any stage's parameters.
+    engine: Literal["local", "dask"] = "local"
+    workers: Optional[int] = Field(default=None, ge=1)   # dask: start a LocalCluster of this many processes
+    scheduler: Optional[str] = None                      # dask: address of an existing cluster's scheduler
 
     @field_validator("name")
     @classmethod
@@ -210,9 +218,20 @@ def make_config(raw: dict, base_dir: Path | None = None) -> Config:
         raise UserError("config 'data' needs 'images' (a folder) or 'npz' (a file)")
     if cfg.data.images and cfg.data.npz:
         raise UserError("config 'data' takes 'images' or 'npz', not both")
+    check_engine(cfg)
     if base_dir is not None:
         cfg = _resolve_paths(cfg, Path(base_dir))
     return cfg
+
+
+def check_engine(cfg: Config) -> None:
+    """``workers`` and ``scheduler`` belong to ``engine: dask``, and exclude each other."""
+    for key in ("workers", "scheduler"):
+        if getattr(cfg, key) is not None and cfg.engine != "dask":
+            raise UserError(f"config key '{key}' needs engine: dask (the engine is {cfg.engine})")
+    if cfg.workers is not None and cfg.scheduler is not None:
+        raise UserError("config keys 'workers' and 'scheduler' exclude each other: 'workers' starts a "
+                        "local cluster, 'scheduler' joins an existing one (which has its own workers)")
 
 
 def _resolve_paths(cfg: Config, base: Path) -> Config:

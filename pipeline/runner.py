@@ -42,6 +42,9 @@ class Stage:
         ``inputs(cfg) -> dict``: hashes of external files the stage reads (model, dataset).
     version : str
         Bumped when the stage's code changes its results.
+    optional : tuple of str
+        Upstream stages read when present (the report shows "not computed" otherwise): they are
+        not required, but a rerun of one makes this stage stale.
     modules : tuple of str
         Modules whose source is hashed into the code version (besides the stage's own), so an
         edited algorithm makes its stage stale without anyone remembering to bump ``version``.
@@ -55,6 +58,7 @@ class Stage:
     inputs: Callable = lambda cfg: {}
     version: str = "1"
     modules: tuple = ()
+    optional: tuple = ()
 
 
 @dataclass
@@ -139,6 +143,9 @@ class Runner:
             rec = recorded.get(dep, {})
             inputs[f"stage:{dep}"] = (rec.get("fingerprint") if rec.get("status") == "done"
                                       else None) or self.fingerprint(self.by_name[dep])
+        for dep in stage.optional:
+            rec = recorded.get(dep, {})
+            inputs[f"stage:{dep}"] = rec.get("fingerprint") if rec.get("status") == "done" else "absent"
         return {
             "params_hash": hash_json(stage.params(self.cfg)),
             "input_hashes": inputs,

@@ -1,14 +1,16 @@
 """The report: static, offline, escaped, complete — checked as files and in a real browser.
 
 One small run (a nested Keras model, a class folder named like an XSS payload, one broken file)
-goes through extract and cluster; the report is built once from that run as it is (embed and
-maximize not run: "not computed") and once after embedding and maximization tables with the
-contract's columns are added to it.
+goes through extract and cluster; the report is built once from that run as it is (embed, probe
+and maximize not run: "not computed") and once after embedding and maximization tables with the
+contract's columns are added to it and the probe stage has run.
 """
+import dataclasses
 import fcntl
 import html
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -25,12 +27,14 @@ import yaml
 from PIL import Image
 
 import zoo
+from pipeline import bias
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.report import build_report
 from pipeline.report.names import class_page, layer_page, slug
+from pipeline.report.shortcuts import readable
 from pipeline.runner import Runner
-from pipeline.stages import cluster, extract, report
+from pipeline.stages import cluster, extract, probe, report
 from pipeline.store import RunStore
 
 EVIL = "<img src=x onerror=alert(1)>"
@@ -51,11 +55,17 @@ def built(tmp_path_factory):
            "cluster": {"bootstrap": 3}, "report": {"out": str(root / "reports" / "plain"), "units_per_page": 2}}
     (root / "c.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(root / "c.yaml")
-    Runner(cfg, [extract.STAGE, cluster.STAGE, report.STAGE]).run()
+    Runner(cfg, [extract.STAGE, cluster.STAGE, REPORT]).run()
     add_embeddings_and_maximize(cfg.out_dir)
+    Runner(cfg, [extract.STAGE, probe.STAGE]).run(only="probe")
     full = root / "reports" / "full"
     build_report(cfg.out_dir, full, title="evil", options=cfg.report.model_copy(update={"out": str(full)}))
     return cfg, Path(cfg.report_dir), full
+
+
+# The report stage on a run with only extract and cluster done: the runner refuses a stage whose
+# declared upstream stages are missing, while the report itself shows missing tables as "not computed".
+REPORT = dataclasses.replace(report.STAGE, deps=("extract", "cluster"))
 
 
 def add_embeddings_and_maximize(run_dir):
@@ -120,8 +130,12 @@ class Links(HTMLParser):
 
 
 def parse(path):
+    return parse_text(path.read_text())
+
+
+def parse_text(text):
     p = Links()
-    p.feed(path.read_text())
+    p.feed(text)
     return p
 
 
@@ -134,8 +148,9 @@ def test_stage_records_the_report_and_leaves_no_partial_build(built):
     assert Path(marker["index"]) == (plain / "index.html").resolve()
     assert marker["pages"] == len(pages(plain))
     assert not Path(str(plain) + ".partial").exists()
-    status = Runner(cfg, [extract.STAGE, cluster.STAGE, report.STAGE]).state(report.STAGE)
-    assert status[0] == "done", status
+    status = Runner(cfg, [extract.STAGE, cluster.STAGE, REPORT]).state(REPORT)
+    # The fixture ran the probe stage after the report: the report now misses its section.
+    assert status == ("stale", "upstream stage 'probe' changed"), status
 
 
 def test_untrusted_class_name_is_escaped_in_every_page(built):
@@ -146,7 +161,16 @@ def test_untrusted_class_name_is_escaped_in_every_page(built):
         assert "onerror=alert(1)>" not in text.replace(ESCAPED, ""), page.name
         assert ESCAPED in text, f"{page.name} does not show the class name"
         assert "Content-Security-Policy" in text and "default-src 'none'" in html.unescape(text)
-        assert "<script" not in text
+        assert "unsafe-eval" not in text
+        # Scripts only on pages with the interactive explorer, only as files of the report folder.
+        scripts = re.findall(r"<script([^>]*)>(.*?)</script>", text, flags=re.S)
+        assert len(scripts) == text.count("<script")
+        for attrs, body in scripts:
+            assert body == "" and re.fullmatch(r' src="(js|explorer)/[a-z0-9.-]+\.js"', attrs), (page.name, attrs)
+        if scripts:
+            assert "script-src 'self';" in html.unescape(text) and "unsafe-inline'; base-uri" in html.unescape(text)
+        else:
+            assert "script-src" not in text
     assert (full / class_page(EVIL)).exists() and "<" not in class_page(EVIL)
 
 
@@ -194,6 +218,106 @@ def test_missing_stages_say_not_computed_and_present_ones_are_shown(built):
     assert "×max n/m" in "".join(p.read_text() for p in pages(full))  # unit 1: dataset max below zero
 
 
+def section(page, start):
+    """The HTML of the ``<section id=start>`` of a page."""
+    text = page.read_text()
+    begin = text.index(f'<section id="{start}">')
+    return text[begin:text.index("</section>", begin)]
+
+
+def test_wrong_cue_section_shows_every_verdict_escaped_with_intervals(built):
+    cfg, plain, full = built
+    assert "Not computed: the shortcut finder" in section(plain / "index.html", "wrong-cue")
+    text = section(full / "index.html", "wrong-cue")
+    verdicts = pd.read_parquet(cfg.out_dir / "bias_verdicts.parquet")
+    assert len(verdicts) == 3 and text.count('<tr class="vrow">') == len(verdicts)
+    rows = text.split('<tr class="vrow">')[1:]
+    for r, row in zip(verdicts.sort_values("class").itertuples(), rows):
+        assert html.escape(r.class_name, quote=True) in row and f">{r.verdict}</span>" in row
+        for sentence in readable(r.reason):
+            assert html.escape(sentence, quote=True) in row
+        if np.isfinite(r.effect_size):
+            assert f"{r.effect_size:.2f} [{r.effect_ci_low:.2f}–{r.effect_ci_high:.2f}]" in row
+    assert ESCAPED in text and EVIL not in text
+    assert not re.search(r"\d\.\d\d \[-?\d\.\d\d, ", text)  # intervals read 0.53 [0.48–0.58], not [0.48, 0.58]
+    # Signal lost per probe: every (class, probe) of bias.parquet has a cell (n/a when not measurable).
+    assert text.count('<td class="mono cell">') == len(pd.read_parquet(cfg.out_dir / "bias.parquet"))
+    # The probe stage's example images are copied into the report, not shrunk to maximization size.
+    examples = pd.read_parquet(cfg.out_dir / "probes/index.parquet")
+    copied = sorted((full / "img" / "probe").iterdir())
+    assert len(copied) == len(examples) + 1 and all(f"img/probe/{c.name}" in text for c in copied)
+    assert Image.open(full / "img" / "probe" / "examples.png").size == \
+        Image.open(cfg.out_dir / "probes" / "examples.png").size
+
+
+def test_colour_sensitive_clusters_are_recomputed_and_link_to_their_cards(built):
+    cfg, _, full = built
+    store = RunStore(cfg.out_dir)
+    expected = bias.colour_clusters(bias.cluster_sensitivity(store.read_table("probe_units.parquet"),
+                                                             store.read_table("clusters.parquet")),
+                                    store.read_table("maximize/index.parquet"))
+    text = section(full / "index.html", "wrong-cue")
+    links = [u for u in parse_text(text).urls if "#cluster-" in u]
+    assert links == [f"{layer_page(r.layer)}#cluster-{r.cluster}" for r in expected.itertuples()]
+    assert all(f"colour {r.colour_sensitivity:.2f}" in text for r in expected.itertuples())
+
+
+def test_unit_and_cluster_cards_show_cue_sensitivity_when_probed(built):
+    cfg, plain, full = built
+    units = pd.read_parquet(cfg.out_dir / "probe_units.parquet")
+    layer = "block/inner_conv"
+    gallery = [p for p in pages(full) if p.name.startswith(layer_page(layer)[:-5] + "-units-")]
+    text = "".join(p.read_text() for p in gallery)
+    live = pd.read_parquet(cfg.out_dir / "clusters.parquet").query("layer == @layer and not dead")
+    for ch in live["channel"]:
+        row = units[(units["layer"] == layer) & (units["channel"] == ch)].iloc[0]
+        assert f"colour {row.colour_sensitivity:.2f}" in text, ch
+    assert "cue sensitivity" in (full / layer_page(layer)).read_text()
+    plain_gallery = next(p for p in pages(plain) if p.name.startswith(layer_page(layer)[:-5] + "-units-"))
+    assert "Not computed: colour / texture / shape sensitivity" in plain_gallery.read_text()
+    assert "Not computed: colour / texture / shape sensitivity" in (plain / layer_page(layer)).read_text()
+
+
+def test_verdict_badges_and_reasons_of_every_kind(built, tmp_path):
+    """A made-up verdict table with each verdict and markup in the reason: badges, sentences, escaping."""
+    cfg, _, _ = built
+    run = tmp_path / "run"
+    shutil.copytree(cfg.out_dir, run)
+    names = pd.read_parquet(run / "dataset.parquet").drop_duplicates("label").sort_values("label")
+    kinds = ["relies on colour", "relies on texture", "shape-driven"]
+    rows = []
+    for (label, name), verdict in zip(names[["label", "class_name"]].itertuples(index=False), kinds):
+        rows.append({"class": label, "class_name": name, "verdict": verdict, "effect_size": 0.531,
+                     "effect_ci_low": 0.478, "effect_ci_high": 0.584, "cue": verdict.split()[-1].split("-")[0],
+                     "reason": "recolouring loses 0.53 [0.48, 0.58] of the class signal; <b>bold</b> claim",
+                     "n": 40, "n_correct": 30, "accuracy": 0.75})
+    rows[-1].update(verdict="inconclusive", cue=None, effect_size=np.nan, reason="only 3 images of this class (need 10)")
+    RunStore(run).write_table("bias_verdicts.parquet", pd.DataFrame(rows).reindex(columns=bias.VERDICT_COLUMNS))
+    table = pd.read_parquet(run / "bias.parquet")
+    table["signal_lost"], table["signal_ci_low"], table["signal_ci_high"] = 0.5, 0.4, 0.625
+    table.loc[table["probe"] == "grayscale", "applicable"] = False
+    table.loc[table["probe"] == "grayscale", "note"] = "not applicable: <grey> images"
+    RunStore(run).write_table("bias.parquet", table)
+    build_report(run, tmp_path / "r")
+    text = section(tmp_path / "r" / "index.html", "wrong-cue")
+    assert "img/fig/shortcut-signal-lost.png" in text and (tmp_path / "r/img/fig/shortcut-signal-lost.png").is_file()
+    assert text.count("0.50 [0.40–0.62]") == len(table) - len(names)  # one n/a per class
+    assert text.count('title="not applicable: &lt;grey&gt; images">n/a') == len(names)
+    for badge, verdict in [("colour", "relies on colour"), ("texture", "relies on texture"),
+                           ("inconclusive", "inconclusive")]:
+        assert f'<span class="verdict v-{badge}">{verdict}</span>' in text
+    assert "0.53 [0.48–0.58]" in text and "Recolouring loses 0.53 [0.48–0.58] of the class signal." in text
+    assert "&lt;b&gt;bold&lt;/b&gt; claim." in text and "<b>bold</b>" not in text
+    assert "Only 3 images of this class (need 10)." in text
+
+
+def test_readable_reasons():
+    assert readable("recolouring loses 0.53 [0.48, 0.58] of the class signal; texture matters too") == [
+        "Recolouring loses 0.53 [0.48–0.58] of the class signal.", "Texture matters too."]
+    assert readable("a (near chance 0.25: only 3 probed): b") == ["A (near chance 0.25: only 3 probed).", "B."]
+    assert readable(None) == [] and readable("") == []
+
+
 def test_a_folder_not_written_by_the_report_is_never_replaced(built, tmp_path):
     cfg, _, _ = built
     (tmp_path / "mine").mkdir()
@@ -214,7 +338,8 @@ class Chromium:
     """
 
     FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-pipe"]
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-pipe",
+             "--enable-unsafe-swiftshader"]  # software WebGL for the explorer, without a deprecation warning
 
     def __init__(self, binary):
         self.profile = tempfile.mkdtemp(prefix="chromium-")

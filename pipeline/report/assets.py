@@ -79,10 +79,12 @@ class Assets:
 
     # -- maximization images (PNG files of the run directory) --
 
-    def run_image(self, relpath, name):
+    def run_image(self, relpath, name, max_size=None, folder="max"):
         """Copy a PNG of the run directory into the report (downscaled); None if unusable.
 
-        ``relpath`` comes from ``maximize/index.parquet``: it must stay inside the run directory.
+        ``relpath`` comes from a run table (``maximize/index.parquet``, ``probes/index.parquet``):
+        it must stay inside the run directory. ``max_size`` (px, longer side) defaults to
+        ``report.image_size``; the copy goes to ``img/<folder>/<name>.png``.
         """
         if relpath is None or (isinstance(relpath, float) and np.isnan(relpath)):
             return None
@@ -95,11 +97,11 @@ class Assets:
         if not source.is_relative_to(run_root) or not source.is_file():
             self.data.notes.append(f"image {key} is missing or outside the run directory; not shown")
         else:
-            out = self._copy_png(source, name)
+            out = self._copy_png(source, f"{folder}/{name}", max_size or self.options.image_size)
         self._copied[key] = out
         return out
 
-    def _copy_png(self, source, name):
+    def _copy_png(self, source, name, size):
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -109,10 +111,9 @@ class Assets:
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
             self.data.notes.append(f"image {source.name} could not be read ({type(exc).__name__}); not shown")
             return None
-        size = self.options.image_size
         if max(img.size) > size:
             img.thumbnail((size, size), Image.Resampling.LANCZOS)
-        rel = f"img/max/{name}.png"
+        rel = f"img/{name}.png"
         (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
         save_small_png(img, self.root / rel)
         return rel

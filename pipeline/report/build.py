@@ -20,6 +20,11 @@ TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; base-uri 'none'; "
        "form-action 'none'")
+# Layer pages with the interactive explorer: scripts from the report folder only (no inline script, no
+# eval: the explorer uses no Bokeh CustomJS); BokehJS styles its shadow-DOM views with <style>
+# elements, hence 'unsafe-inline' for styles (no network is allowed, so styles cannot leak anything).
+CSP_EXPLORER = ("default-src 'none'; script-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                "base-uri 'none'; form-action 'none'")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ def build_report(run_dir, out_dir, *, title=None, options=None, log=None) -> Rep
     try:
         assets = Assets(root, data, options)
         site = Site(data, assets, options)
+        site.explorer = _explorer(site, root, options)
         pages = [index_page(site)]
         for layer in site.layers:
             pages += layer_pages(site, layer)
@@ -75,7 +81,7 @@ def build_report(run_dir, out_dir, *, title=None, options=None, log=None) -> Rep
         env = _environment()
         common = _common(site, assets)
         for name, template, ctx in pages:
-            html = env.get_template(template).render(**common, **ctx, page_file=name)
+            html = env.get_template(template).render(**{**common, **ctx}, page_file=name)
             (root / name).write_text(html, encoding="utf-8")
         images = assets.flush()
         _write_css(root, site)
@@ -89,6 +95,19 @@ def build_report(run_dir, out_dir, *, title=None, options=None, log=None) -> Rep
     log(f"report: {len(pages)} pages, {images} thumbnails, {size / 1e6:.1f} MB")
     return ReportResult(index=target / "index.html", pages=len(pages), images=images, bytes=size,
                         seconds=round(time.perf_counter() - t0, 2), notes=tuple(data.notes))
+
+
+def _explorer(site, root, options):
+    """The interactive explorer of the layer pages, or None (switched off, or Bokeh not installed)."""
+    from pipeline.report import explorer
+
+    if not options.explorer:
+        return None
+    if not explorer.available():
+        site.data.notes.append("interactive explorer not written: the bokeh package is not installed "
+                               "(pip install bokeh); the static maps are shown")
+        return None
+    return explorer.Explorer(site, root)
 
 
 def _check_replaceable(target: Path) -> None:
@@ -107,12 +126,12 @@ def _environment():
 
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(num=_fmt_num, pct=_fmt_pct, secs=_fmt_secs, shape=_fmt_shape)
+    env.filters.update(num=_fmt_num, pct=_fmt_pct, secs=_fmt_secs, shape=_fmt_shape, ci=_fmt_ci)
     return env
 
 
 def _common(site, assets):
-    return {"csp": CSP, "version": __version__, "run_title": site.data.title, "nav": site.nav(),
+    return {"csp": CSP, "scripts": [], "version": __version__, "run_title": site.data.title, "nav": site.nav(),
             "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "run_name": site.data.path.name, "pixelated": 0 < assets.thumb_px < 56,
             "notes": site.data.notes}
@@ -129,6 +148,16 @@ def _write_css(root, site):
 
 def _fmt_num(x, digits=3):
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_ci(iv, digits=2):
+    """``{"value", "low", "high"}`` -> ``0.53 [0.48–0.58]`` (``—`` without an estimate)."""
+    if not iv or iv.get("value") is None:
+        return "—"
+    text = f"{iv['value']:.{digits}f}"
+    if iv.get("low") is not None and iv.get("high") is not None:
+        text += f" [{iv['low']:.{digits}f}–{iv['high']:.{digits}f}]"
+    return text
 
 
 def _fmt_pct(x, digits=1):

@@ -17,6 +17,8 @@ OPTIONAL = {  # attribute -> run-directory file read directly (not in pipeline.r
     "quality": "embeddings/quality.parquet",
     "bias": "bias.parquet",                     # the shortcut finder (probe stage), per class x probe
     "bias_verdicts": "bias_verdicts.parquet",   # ... and its verdict per class
+    "probe_units": "probe_units.parquet",       # ... each unit's sensitivity to each probe
+    "probe_examples": "probes/index.parquet",   # ... and its example images, one strip per probe
 }
 
 
@@ -57,6 +59,8 @@ class ReportData:
     maximize: pd.DataFrame | None = None
     bias: pd.DataFrame | None = None
     bias_verdicts: pd.DataFrame | None = None
+    probe_units: pd.DataFrame | None = None
+    probe_examples: pd.DataFrame | None = None
     predictions: Predictions | None = None
     notes: list = field(default_factory=list)
 

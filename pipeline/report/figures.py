@@ -229,3 +229,71 @@ def silhouette_curve(k_tried, scores, chosen=None):
         ax.set_ylabel("silhouette")
         ax.set_title("Choosing k")
     return fig
+
+
+CUE_COLOURS = {"colour": "#fde2e2", "texture": "#fdf0d5", "shape": "#dff3e4", "context": "#e8edf3"}
+
+
+def signal_lost(probes, groups, class_names, values, lows, highs, colours, threshold=None):
+    """How much of each class's signal each probe removes, with bootstrap-interval whiskers.
+
+    Parameters
+    ----------
+    probes : list of str
+        In display order (grouped by cue); a shaded band marks each cue's probes.
+    groups : list of str
+        The cue of each probe (``colour``, ``texture``, ``shape``, ``context``).
+    class_names : list of str
+    values, lows, highs : arrays of shape (n_probes, n_classes)
+        ``signal_lost`` and its interval (NaN = probe not applicable).
+    colours : list of RGB
+        One per class (the report's class palette).
+    threshold : float, optional
+        The verdict's ``min_effect``: a dashed line.
+
+    With more than ten classes the bars become dots (one per class) and a median tick.
+    """
+    values, lows, highs = (np.asarray(a, dtype=float) for a in (values, lows, highs))
+    n_p, n_k = values.shape
+    with style():
+        fig = figure(max(5.5, 0.95 * n_p + 2.6), 3.6)
+        ax = fig.add_subplot()
+        ax.grid(axis="x", visible=False)
+        x = np.arange(n_p)
+        for group in dict.fromkeys(groups):
+            at = [i for i, g in enumerate(groups) if g == group]
+            ax.axvspan(min(at) - 0.5, max(at) + 0.5, color=CUE_COLOURS.get(group, "#f2f2f2"), zorder=0, lw=0)
+            ax.text(np.mean(at), 1.07, group, ha="center", va="bottom", fontsize=8, color="#555555")
+        if n_k <= 10:
+            width = 0.8 / max(n_k, 1)
+            for k in range(n_k):
+                pos = x - 0.4 + width * (k + 0.5)
+                v = values[:, k]
+                err = np.vstack([np.clip(v - lows[:, k], 0, None), np.clip(highs[:, k] - v, 0, None)])
+                err = np.where(np.isfinite(err), err, 0.0)
+                ax.bar(pos, np.nan_to_num(v), width=width * 0.92, color=colours[k], label=short(class_names[k], 22),
+                       yerr=err, error_kw={"elinewidth": 0.9, "capsize": 1.5, "ecolor": "#333333"}, zorder=2)
+        else:
+            rng = np.random.default_rng(0)
+            for i in range(n_p):
+                v = values[i][np.isfinite(values[i])]
+                ax.scatter(i + rng.uniform(-0.25, 0.25, len(v)), v, s=8, color="#4c72b0", alpha=0.6, zorder=2,
+                           linewidths=0)
+                if len(v):
+                    ax.plot([i - 0.32, i + 0.32], [np.median(v)] * 2, color="black", linewidth=1.6, zorder=3)
+        for i in range(n_p):
+            if not np.isfinite(values[i]).any():
+                ax.text(i, 0.03, "n/a", ha="center", fontsize=8, color="#777777")
+        if threshold is not None:
+            ax.axhline(threshold, color="#b91c1c", linestyle="--", linewidth=1, zorder=1,
+                       label=f"verdict threshold ({threshold:g})")
+        if n_k <= 10 or threshold is not None:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
+                      title="class" if n_k <= 10 else None)
+        ax.set_xticks(x, [short(p.replace("_", " "), 16) for p in probes], rotation=20 if n_p > 5 else 0,
+                      ha="right" if n_p > 5 else "center")
+        ax.set_xlim(-0.5, n_p - 0.5)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("signal lost (0 = none, 1 = all)")
+        ax.set_title("What each probe removes from each class's signal", pad=16)
+    return fig

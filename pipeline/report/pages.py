@@ -16,6 +16,7 @@ from pipeline.report import figures as figs
 from pipeline.report.atlas import atlas_cells, atlas_image
 from pipeline.report.data import STAGE_ORDER
 from pipeline.report.names import class_page, layer_page, slug, units_page
+from pipeline.report.shortcuts import CueLookup, shortcut_section
 
 METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 SKIPPED_ROWS = 100
@@ -51,6 +52,8 @@ class Site:
         self.layers = _all_layers(data)
         self.max_units, self.max_clusters, self.max_classes = _maximize_lookup(data)
         self.colours = dict(zip(data.class_names, figs.palette(len(data.class_names))))
+        self.cues = CueLookup(data)  # colour / texture / shape sensitivity per unit and cluster
+        self.explorer = None         # set by the build when the interactive maps are written
         self._unit_pos = {}  # (layer, channel) -> position in the layer's gallery
         if data.clusters is not None:
             for layer, part in data.clusters.groupby("layer", sort=False):
@@ -256,17 +259,8 @@ def _index_figures(site):
 
 
 def bias_section(site):
-    """The shortcut finder's findings, or None while its tables are absent.
-
-    TODO(probe stage): this shows its tables as they are (verdicts per class, else the per-probe
-    table); turn them into findings for ``index.html``'s "Is the model relying on the wrong cue?"
-    section, with links to the units and clusters most sensitive to the cue.
-    """
-    table = site.data.bias_verdicts if site.data.bias_verdicts is not None else site.data.bias
-    if table is None:
-        return None
-    return {"columns": [str(c) for c in table.columns],
-            "rows": [[str(v) for v in r] for r in table.head(50).itertuples(index=False)]}
+    """The shortcut finder's findings (see :mod:`.shortcuts`), or None while the probe stage has not run."""
+    return shortcut_section(site)
 
 
 # ---------------------------------------------------------------- layer pages
@@ -280,12 +274,19 @@ def layer_pages(site, layer):
     pages = [{"href": units_page(layer, p + 1), "first": int(units["channel"].iloc[p * per]),
               "last": int(units["channel"].iloc[min(n, (p + 1) * per) - 1]), "number": p + 1}
              for p in range(math.ceil(n / per))]
-    out = [(layer_page(layer), "layer.html", _layer_context(site, layer, pages))]
+    ctx = _layer_context(site, layer, pages)
+    explorer = site.explorer.layer(layer) if site.explorer is not None else None
+    ctx["explorer"] = explorer
+    if explorer:
+        from pipeline.report.build import CSP_EXPLORER
+
+        ctx.update(csp=CSP_EXPLORER, scripts=explorer["scripts"])
+    out = [(layer_page(layer), "layer.html", ctx)]
     for page in pages:
         chunk = units.iloc[(page["number"] - 1) * per: page["number"] * per]
         out.append((page["href"], "units.html", {
             "layer": layer, "layer_href": layer_page(layer), "page": page, "pages": pages,
-            "units": [_unit_card(site, layer, r) for r in chunk.to_dict("records")]}))
+            "cues_available": site.cues.available, "units": [_unit_card(site, layer, r) for r in chunk.to_dict("records")]}))
     return out
 
 
@@ -311,7 +312,7 @@ def _layer_context(site, layer, pages):
             "silhouette": _silhouette_figure(site, layer),
             "clusters": None if clusters is None else [_cluster_card(site, layer, r)
                                                        for r in clusters.to_dict("records")],
-            "unclustered": dead}
+            "unclustered": dead, "cues_available": site.cues.available}
 
 
 def _image_maps(site, layer):
@@ -412,6 +413,7 @@ def _cluster_card(site, layer, row):
                     for m in shown],
         "more_members": len(members) - len(shown),
         "top_images": site.thumbs(row.get("top_indices")),
+        "cues": site.cues.cluster(layer, c),
     }
 
 
@@ -428,6 +430,7 @@ def _unit_card(site, layer, row):
         "selectivity": None if dead else _num(row.get("class_selectivity")),
         "top_class": None if dead else site.class_link(row.get("top_class")),
         "stability": _num(row.get("stability")), "mean": _num(row.get("mean")), "max": _num(row.get("max")),
+        "cues": None if dead else site.cues.unit(layer, ch),
     }
 
 

@@ -37,9 +37,12 @@ def run(ctx):
     return summary
 
 
-# Every analysis stage is a dependency, so a new embedding or clustering makes the report stale.
-STAGE = Stage(name="report", deps=("extract", "embed", "cluster", "probe", "maximize"), params=_params, inputs=_inputs,
+# Extract and cluster are required; embed, probe and maximize are shown when present, and a rerun of
+# any of them makes the report stale.
+STAGE = Stage(name="report", deps=("extract", "cluster"),
+              optional=("embed", "probe", "maximize"), params=_params, inputs=_inputs,
               outputs=("report.json",), run=run, version="1",
               modules=("pipeline.report", "pipeline.report.build", "pipeline.report.pages",
                        "pipeline.report.data", "pipeline.report.figures", "pipeline.report.atlas",
-                       "pipeline.report.assets", "pipeline.report.names"))
+                       "pipeline.report.assets", "pipeline.report.names", "pipeline.report.shortcuts",
+                       "pipeline.report.explorer", "pipeline.bias"))

@@ -174,10 +174,10 @@ def instrumented(probe):
     def make_forward(*a, **k):
         run = orig["make_forward"](*a, **k)
 
-        def timed(pixels, positions=()):
+        def timed(pixels, positions=(), valid=None):
             t0 = clock()
-            out = run(pixels, positions)
-            probe.calls.append((t0, clock(), int(pixels.shape[0]), cpu()))
+            out = run(pixels, positions, valid)
+            probe.calls.append((t0, clock(), int(pixels.shape[0] if valid is None else valid), cpu()))
             return out
 
         return timed
