@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.report.names import slug
+from pipeline.report.values import integer as _int, num as _num
 
 SHEET = 32                      # thumbnails per sprite-sheet side
 METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
@@ -368,17 +369,6 @@ class Explorer:
         return out
 
 
-def _num(x):
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _int(x):
-    v = _num(x)
-    return None if v is None else int(v)
 
 
 def _categorical(column, label, palette, labels, none="none / unlabelled"):

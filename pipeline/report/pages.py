@@ -17,23 +17,12 @@ from pipeline.report.atlas import atlas_cells, atlas_image
 from pipeline.report.data import STAGE_ORDER
 from pipeline.report.names import class_page, layer_page, slug, units_page
 from pipeline.report.shortcuts import CueLookup, shortcut_section
+from pipeline.report.values import integer as _int, num as _num
 
 METHOD_NAMES = {"tsne": "t-SNE", "umap": "UMAP"}
 SKIPPED_ROWS = 100
 
 
-def _num(x):
-    """A float, or None for missing / NaN / non-numeric."""
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _int(x):
-    v = _num(x)
-    return None if v is None else int(v)
 
 
 def _list(x):

@@ -14,6 +14,7 @@ import re
 import numpy as np
 
 from pipeline.report.names import layer_page, slug
+from pipeline.report.values import num as _num
 
 CUES = ("colour", "texture", "shape")
 GROUP_ORDER = ("colour", "texture", "shape", "context")
@@ -29,13 +30,6 @@ PROBE_OF_CUE = {"colour": "recolouring", "texture": "blur", "shape": "patch shuf
 TOP_CLUSTERS = 6
 TOP_UNITS = 12
 
-
-def _num(x):
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def interval(value, low=None, high=None):
