@@ -8,7 +8,6 @@ always match the clusters the report shows.
 """
 from __future__ import annotations
 
-import math
 import re
 
 import numpy as np
