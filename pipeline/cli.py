@@ -70,6 +70,13 @@ def _stage_flags(p, with_selection):
     p.add_argument("--force", action="store_true", help="rerun even if up to date")
     p.add_argument("--trust-model", action="store_true",
                    help="allow Lambda layers / custom objects (runs code from the model file)")
+    p.add_argument("--engine", choices=["local", "dask"],
+                   help="where extract, cluster and embed run: this process or a Dask cluster "
+                        "(default: the config's engine, local)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run on the existing Dask cluster with this scheduler address (implies --engine dask)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="start a local Dask cluster of N worker processes (implies --engine dask)")
     if with_selection:
         p.add_argument("--only", choices=STAGE_NAMES, help="run just this stage")
         p.add_argument("--from", dest="from_stage", choices=STAGE_NAMES, help="rerun this stage and all after it")
@@ -108,7 +115,29 @@ def _config_from(args):
         cfg = make_config(raw)
     if getattr(args, "trust_model", False):
         cfg.trust_model = True
+    _engine_flags(cfg, args)
     return cfg
+
+
+def _engine_flags(cfg, args):
+    """``--engine``, ``--scheduler``, ``--workers`` override the config's engine keys."""
+    from pipeline.config import check_engine
+
+    engine, scheduler, workers = (getattr(args, k, None) for k in ("engine", "scheduler", "workers"))
+    if scheduler is not None and workers is not None:
+        raise UserError("--scheduler and --workers exclude each other: --workers starts a local cluster, "
+                        "--scheduler joins an existing one")
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
+    if engine == "local" and (scheduler is not None or workers is not None):
+        raise UserError("--scheduler and --workers need the dask engine, not --engine local")
+    if engine is not None:
+        cfg.engine = engine
+        if engine == "local":
+            cfg.workers = cfg.scheduler = None
+    if scheduler is not None or workers is not None:
+        cfg.engine, cfg.scheduler, cfg.workers = "dask", scheduler, workers
+    check_engine(cfg)
 
 
 def _run(cfg, args, only=None, from_stage=None):
@@ -119,7 +148,13 @@ def _run(cfg, args, only=None, from_stage=None):
     check_safe(cfg.model, cfg.trust_model)  # refuse before anything is written or run
 
     runner = Runner(cfg, all_stages(), debug=args.debug)
-    runner.run(only=only, from_stage=from_stage, force=args.force)
+    try:
+        runner.run(only=only, from_stage=from_stage, force=args.force)
+    finally:
+        if cfg.engine == "dask":
+            from pipeline.distributed import close_client
+
+            close_client()
     print(f"run directory: {cfg.out_dir}")
     return runner
 

@@ -14,7 +14,8 @@ API
 ``class_silhouette(x, labels, *, random_state=0, max_rows=2000) -> float``
     Silhouette of the classes on standardised features (euclidean).
 ``StreamingCKA(*, unbiased=True)``
-    ``.partial_fit(arrays) -> self``, ``.cka() -> (L, L)``.
+    ``.partial_fit(arrays) -> self``, ``.cka() -> (L, L)``; ``.empty_like()`` and ``.merge(other)``
+    split a pass over workers (the Dask engine) with exactly the sequential result.
 ``cka_matrix(chunks, layer_dims=None, *, unbiased=True) -> (L, L)``
     ``chunks()`` yields, per chunk, a list of ``(n_i, C_l)`` arrays, one per layer, same rows.
 ``layer_figures(x, labels, *, dead=None, clusters=None, random_state=0) -> dict``
@@ -28,8 +29,12 @@ row selection with a sorted integer array).
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pandas as pd
+
+from pipeline.streams import fold
 
 LAYER_COLUMNS = ["layer", "units", "dead_units", "n_clusters", "probe_accuracy", "knn_accuracy",
                  "class_silhouette"]
@@ -225,10 +230,38 @@ class StreamingCKA:
         self.n_nonfinite_ += (~finite).sum(axis=0) @ self._blocks.astype(np.int64)
         return z
 
+    def empty_like(self):
+        """No rows yet, but this one's layer widths and shift: fit it on later rows, then
+        :meth:`merge` it here (how the Dask engine spreads the pass over workers)."""
+        new = StreamingCKA(unbiased=self.unbiased)
+        new._start(list(self.dims_), None)
+        new.shift_ = self.shift_.copy()
+        return new
+
+    def merge(self, other):
+        """Add the sums of another ``StreamingCKA`` sharing this one's shift (see :meth:`empty_like`).
+
+        Sums of single chunks merged in chunk order are bit-for-bit the sequential ``partial_fit``.
+        """
+        if not hasattr(other, "dims_"):
+            return self
+        if not hasattr(self, "dims_"):
+            self._start(list(other.dims_), None)
+            self.shift_ = other.shift_.copy()
+        elif other.dims_ != self.dims_ or not np.array_equal(other.shift_, self.shift_):
+            raise ValueError("merge needs the same layer widths and shift (make it with empty_like)")
+        self.n_samples_seen_ += other.n_samples_seen_
+        self.n_nonfinite_ += other.n_nonfinite_
+        self._s1 += other._s1
+        self._s2 += other._s2
+        self._u += other._u
+        self._t += other._t
+        return self
+
     def _start(self, dims, z):
         total, layers = sum(dims), len(dims)
         self.dims_ = dims
-        self.shift_ = z.mean(axis=0) if len(z) else np.zeros(total)
+        self.shift_ = z.mean(axis=0) if z is not None and len(z) else np.zeros(total)
         self._blocks = np.repeat(np.eye(layers), dims, axis=0)  # unit -> layer indicator (D, L)
         self.n_samples_seen_ = 0
         self.n_nonfinite_ = np.zeros(layers, dtype=np.int64)
@@ -287,12 +320,14 @@ def cka_matrix(chunks, layer_dims=None, *, unbiased=True):
     ndarray of shape (L, L)
         Symmetric, 1 on the diagonal (NaN for a constant layer).
     """
-    cka = StreamingCKA(unbiased=unbiased)
-    for arrays in chunks():
-        cka.partial_fit(arrays)
+    cka = fold(chunks, partial(StreamingCKA, unbiased=unbiased), _fit_chunk)
     if layer_dims is not None and list(layer_dims) != cka.dims_:
         raise ValueError(f"layer widths {cka.dims_} differ from layer_dims {list(layer_dims)}")
     return cka.cka()
+
+
+def _fit_chunk(cka, arrays, offset):
+    cka.partial_fit(arrays)
 
 
 # --------------------------------------------------------------------------- table

@@ -5,11 +5,13 @@ Everything here is pure: numpy in, numpy/pandas out, no file I/O. An activation 
 an iterator over row chunks ``(n_i, C)`` in image order (the caller reads them from
 ``activations.zarr``). It is called once per pass, so memory depends on ``C``, never on ``N``.
 Image class labels are integers with ``-1`` meaning unlabelled (as in ``dataset.parquet``).
+Every pass is a :func:`pipeline.streams.fold` over mergeable accumulators, so the Dask engine can
+fit the chunks on workers and merge them in row order with exactly the local result.
 
 API
 ---
 ``StreamingMoments(*, cross=True, dtype=np.float32)``
-    ``.partial_fit(x, sample_weight=None) -> self``, ``.summary() -> dict``,
+    ``.partial_fit(x, sample_weight=None) -> self``, ``.merge(other) -> self``, ``.summary() -> dict``,
     ``.correlation(tol=1e-8) -> (C, C)``. Running mean, co-moments, min, max, non-finite counts.
 ``correlation_streaming(chunks, *, tol=1e-8, dtype=np.float32) -> (corr (C, C), stats dict)``
     One pass. ``stats``: ``n, mean, std, min, max, n_nonfinite`` (arrays of length C).
@@ -40,11 +42,14 @@ A typical layer::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClusterMixin, clone
 from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+from pipeline.streams import fold
 
 METHODS = ("agglomerative", "kmeans", "hdbscan")
 
@@ -122,6 +127,26 @@ class StreamingMoments:
         m2 = weighted.T @ centred if self.cross else np.einsum("ij,ij->j", weighted, centred)
         return total, mean, m2.astype(np.float64)
 
+    def merge(self, other):
+        """Add the rows another ``StreamingMoments`` has seen (Chan et al.'s parallel update).
+
+        Merging the moments of single chunks in chunk order is bit-for-bit ``partial_fit`` on
+        those chunks in that order (up to the sign of zeros), which is how the Dask engine
+        spreads a pass over workers and still matches the local engine exactly.
+        """
+        if not hasattr(other, "n_samples_seen_"):
+            return self
+        if not hasattr(self, "n_samples_seen_"):
+            self._start(other.mean_.shape[0])
+        elif other.mean_.shape != self.mean_.shape or other.cross != self.cross:
+            raise ValueError("cannot merge moments of different units or cross settings")
+        self.n_nonfinite_ += other.n_nonfinite_
+        self.max_ = np.fmax(self.max_, other.max_)
+        self.min_ = np.fmin(self.min_, other.min_)
+        if other.n_samples_seen_:
+            self._merge(other.n_samples_seen_, other.mean_, other._m2)
+        return self
+
     def _merge(self, total, mean, m2):
         seen = self.n_samples_seen_
         merged = seen + total
@@ -193,10 +218,12 @@ def correlation_streaming(chunks, *, tol=1e-8, dtype=np.float32):
     stats : dict
         ``n`` (rows), and per unit ``mean, std, min, max, n_nonfinite``.
     """
-    moments = StreamingMoments(dtype=dtype)
-    for x in chunks():
-        moments.partial_fit(x)
+    moments = fold(chunks, partial(StreamingMoments, dtype=dtype), _fit_rows)
     return moments.correlation(tol), moments.summary()
+
+
+def _fit_rows(moments, x, offset):
+    moments.partial_fit(x)
 
 
 def dead_units(stats, tol=1e-8):
@@ -467,22 +494,34 @@ def bootstrap_stability(chunks, clusterer, n_images, *, n_boot=20, random_state=
 
 
 def _weighted_correlations(chunks, weights, n_units, max_bytes):
-    """Yield one correlation per weight vector, sharing each pass among a group of them."""
+    """Yield one correlation per weight vector, sharing each pass among a group of them.
+
+    A ``chunks`` object with ``map_passes`` (the Dask engine's row blocks) runs the groups'
+    passes itself, in parallel; each correlation is the same either way.
+    """
     group = max(1, int(max_bytes // (8 * n_units * n_units)))
+    passes = getattr(chunks, "map_passes", None)
+    if passes is not None:
+        yield from passes(_weighted_pass, weights, group)
+        return
     for start in range(0, len(weights), group):
-        block = weights[start:start + group]
-        moments = [StreamingMoments() for _ in block]
-        offset = 0
-        for x in chunks():
-            x = np.asarray(x, dtype=np.float64)  # convert once, not once per bootstrap
-            if offset + len(x) > len(block[0]):
-                raise ValueError(f"chunks yielded more rows than n_images={len(block[0])}")
-            for m, w in zip(moments, block):
-                m.partial_fit(x, sample_weight=w[offset:offset + len(x)])
-            offset += len(x)
-        if offset != len(block[0]):
-            raise ValueError(f"chunks yielded {offset} rows, n_images is {len(block[0])}")
-        yield from (m.correlation() for m in moments)
+        yield from _weighted_pass(chunks, weights[start:start + group])
+
+
+def _weighted_pass(chunks, block):
+    """One pass over the chunks for a group of weight vectors; yields their correlations."""
+    moments = [StreamingMoments() for _ in block]
+    offset = 0
+    for x in chunks():
+        x = np.asarray(x, dtype=np.float64)  # convert once, not once per bootstrap
+        if offset + len(x) > len(block[0]):
+            raise ValueError(f"chunks yielded more rows than n_images={len(block[0])}")
+        for m, w in zip(moments, block):
+            m.partial_fit(x, sample_weight=w[offset:offset + len(x)])
+        offset += len(x)
+    if offset != len(block[0]):
+        raise ValueError(f"chunks yielded {offset} rows, n_images is {len(block[0])}")
+    yield from (m.correlation() for m in moments)
 
 
 def _best_jaccard(reference, labels, k):
@@ -640,26 +679,58 @@ def _dominant_classes(classes, means, n, count=3):
 
 def _column_pass(chunks, image_labels, top_k, transform=None):
     """One pass over (optionally transformed) chunks: moments, top rows, class means."""
-    moments, top = StreamingMoments(cross=False), _TopK(top_k)
     classes, codes = _class_codes(image_labels)
-    sums = counts = None
-    offset = 0
-    for x in chunks():
-        x = np.asarray(x, dtype=np.float64) if transform is None else transform(x)
-        moments.partial_fit(x)
-        top.update(x, offset)
-        if len(classes):
+    acc = fold(chunks, partial(_ColumnPass, len(classes), top_k), partial(_column_update, codes, transform))
+    if image_labels is not None and acc.rows != len(image_labels):
+        raise ValueError(f"chunks yielded {acc.rows} rows, image_labels has {len(image_labels)}")
+    present = acc.counts > 0 if acc.counts is not None else np.zeros(0, bool)
+    means = acc.sums[present] / acc.counts[present, None] if acc.sums is not None else np.zeros((0, 0))
+    return acc.moments.summary(), acc.top.indices(), classes[present], means
+
+
+def _column_update(codes, transform, acc, x, offset):
+    acc.update(np.asarray(x, dtype=np.float64) if transform is None else transform(x), offset, codes)
+
+
+class _ColumnPass:
+    """Accumulators of one pass over units: moments, top rows and per-class sums.
+
+    Class sums are taken per chunk and then added to the running sums, so accumulators of
+    single chunks merged in row order give exactly the sequential result.
+    """
+
+    def __init__(self, n_classes, top_k):
+        self.moments, self.top = StreamingMoments(cross=False), _TopK(top_k)
+        self.n_classes = n_classes
+        self.sums = self.counts = None
+        self.rows = 0
+
+    def update(self, x, offset, codes):
+        self.moments.partial_fit(x)
+        self.top.update(x, offset)
+        if self.n_classes:
             part = codes[offset:offset + len(x)]
-            if sums is None:
-                sums, counts = np.zeros((len(classes), x.shape[1])), np.zeros(len(classes))
+            sums, counts = np.zeros((self.n_classes, x.shape[1])), np.zeros(self.n_classes)
             np.add.at(sums, part[part >= 0], x[part >= 0])
-            counts += np.bincount(part[part >= 0], minlength=len(classes))
-        offset += len(x)
-    if image_labels is not None and offset != len(image_labels):
-        raise ValueError(f"chunks yielded {offset} rows, image_labels has {len(image_labels)}")
-    present = counts > 0 if counts is not None else np.zeros(0, bool)
-    means = sums[present] / counts[present, None] if sums is not None else np.zeros((0, 0))
-    return moments.summary(), top.indices(), classes[present], means
+            counts += np.bincount(part[part >= 0], minlength=self.n_classes)
+            self._add(sums, counts)
+        self.rows += len(x)
+
+    def _add(self, sums, counts):
+        if self.sums is None:
+            self.sums, self.counts = sums.copy(), counts.copy()
+        else:
+            self.sums += sums
+            self.counts += counts
+
+    def merge(self, other):
+        """Add another pass's accumulators over later rows."""
+        self.moments.merge(other.moments)
+        self.top.merge(other.top)
+        if other.sums is not None:
+            self._add(other.sums, other.counts)
+        self.rows += other.rows
+        return self
 
 
 def _class_codes(image_labels):
@@ -697,6 +768,25 @@ class _TopK:
         earlier = np.take_along_axis(self.index, np.minimum(position, kept - 1), 1) if kept else 0
         self.values = np.take_along_axis(values, position, 1)
         self.index = np.where(position < kept, earlier, offset + position - kept)
+
+    def merge(self, other):
+        """Add the candidates of another ``_TopK`` whose rows all come after this one's.
+
+        A chunk's own top k holds every row of it that can make the overall top k, so merging
+        per-chunk top k in row order gives exactly the sequential result (ties included: this
+        one's rows come first, and each side is ordered by value, then row).
+        """
+        if other.values is None:
+            return self
+        if self.values is None:
+            self.values, self.index = other.values.copy(), other.index.copy()
+            return self
+        values = np.concatenate([self.values, other.values], axis=1)
+        index = np.concatenate([self.index, other.index], axis=1)
+        position = _top_positions(values, self.k)
+        self.values = np.take_along_axis(values, position, 1)
+        self.index = np.take_along_axis(index, position, 1)
+        return self
 
     def indices(self):
         if self.values is None:

@@ -47,6 +47,7 @@ def run(ctx):
     from pipeline.layerstats import cka_matrix, layer_figures, layer_table
 
     cfg, store = ctx.cfg, ctx.store
+    blocks = _row_blocks(ctx)
     root, names, infos = open_activations(store)
     dataset = store.read_table("dataset.parquet")
     labels = dataset["label"].to_numpy()
@@ -55,7 +56,7 @@ def run(ctx):
     unit_tables, cluster_tables, figures = [], [], {}
     for layer in names:
         arr = layer_array(root, infos[layer], cfg.cluster.reduction)
-        units, summary, clusterer, notes = cluster_layer(chunker(arr), n, image_labels, cfg)
+        units, summary, clusterer, notes = cluster_layer(blocks(arr), n, image_labels, cfg)
         for note in notes:
             ctx.log(f"cluster: {layer}: {note}")
         if units["dead"].all():
@@ -75,7 +76,7 @@ def run(ctx):
                 f"{figures[layer]['n_clusters']} clusters, probe accuracy "
                 f"{figures[layer]['probe_accuracy']:.3f}")
     arrays = [layer_array(root, infos[l], cfg.cluster.reduction) for l in names]
-    cka = cka_matrix(chunker(arrays)) if len(names) > 1 and n > 3 else None
+    cka = cka_matrix(blocks(arrays)) if len(names) > 1 and n > 3 else None
     table = layer_table(figures, cka)
     for col in ("silhouette_k", "k_tried", "silhouette_curve"):
         table[col] = [figures[l][col] for l in table["layer"]]
@@ -86,10 +87,23 @@ def run(ctx):
             "probe_accuracy": {l: _num(figures[l]["probe_accuracy"]) for l in names}}
 
 
+def _row_blocks(ctx):
+    """``chunker`` for the local engine; on Dask, row blocks whose passes run on the workers
+    (same blocks, partial results merged in the same order: the same tables)."""
+    if ctx.cfg.engine != "dask":
+        return chunker
+    from pipeline import distributed
+
+    client = distributed.client_for(ctx.cfg)
+    ctx.log(f"cluster: statistics on {distributed.describe(client)}")
+    return distributed.row_blocks(client)
+
+
 def _num(x):
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
 STAGE = Stage(name="cluster", deps=("extract",), params=_params,
               outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1",
-              modules=("pipeline.neurons", "pipeline.layerstats", "pipeline.stages.activations"))
+              modules=("pipeline.neurons", "pipeline.layerstats", "pipeline.stages.activations",
+                       "pipeline.streams"))

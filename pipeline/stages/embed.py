@@ -23,6 +23,10 @@ def _embed_one(features, method, cfg):
     e = cfg.embed
     kw = {"random_state": cfg.seed, "max_fit": e.max_fit}
     kw.update({"perplexity": e.perplexity} if method == "tsne" else {"n_neighbors": e.n_neighbors})
+    if cfg.engine == "dask" and len(features) > e.max_fit:  # the rest placed on the workers, same map
+        from pipeline import dask_embed
+
+        return dask_embed.embed(features, method, cfg, **kw)
     return E.embed(features, method, **kw)
 
 

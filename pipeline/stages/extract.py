@@ -57,6 +57,10 @@ def layer_kinds(model, names) -> dict:
 
 
 def run(ctx):
+    if ctx.cfg.engine == "dask":  # shards on Dask workers; same arrays (pipeline.dask_extract)
+        from pipeline import dask_extract
+
+        return dask_extract.run(ctx)
     cfg, store = ctx.cfg, ctx.store
     from pipeline.tfsetup import gpus
 
@@ -153,12 +157,15 @@ class _ChunkWriter:
 
     One write is in flight at a time, so the device computes the next chunk while the previous
     one is compressed and stored; progress is recorded only after a chunk's arrays are all on disk.
+    ``record(group, bad)`` does the recording (default: the progress file, ``progress`` dict);
+    the Dask engine passes one that writes a per-shard done marker instead.
     """
 
-    def __init__(self, store, root, progress):
+    def __init__(self, store, root, progress, record=None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.store, self.root, self.progress = store, root, progress
+        self.record = record or self._record_progress
         self.handles = {}
         self.pool = ThreadPoolExecutor(1)
         self.pending = None
@@ -172,6 +179,9 @@ class _ChunkWriter:
             if key not in self.handles:
                 self.handles[key] = self.root[key]
             self.handles[key][start:start + len(value)] = value
+        self.record(group, bad)
+
+    def _record_progress(self, group, bad):
         self.progress["done"].append(group)
         for k, v in bad.items():
             self.progress["nonfinite"][k] = self.progress["nonfinite"].get(k, 0) + v
@@ -187,19 +197,22 @@ class _ChunkWriter:
         self.pool.shutdown()
 
 
-def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
-    import tensorflow as tf
-    from tqdm import tqdm
+def chunk_groups(n, ex) -> list[tuple[int, int]]:
+    """``(start, stop)`` rows of every chunk group: one stored chunk, a whole number of batches."""
+    rows = chunk_rows(ex)
+    return [(i, min(i + rows, n)) for i in range(0, n, rows)]
 
-    cfg, ex = ctx.cfg, ctx.cfg.extract
-    n, bs, rows = len(dataset), ex.batch_size, chunk_rows(ex)
-    groups = [(i, min(i + rows, n)) for i in range(0, n, rows)]
-    done = set(progress["done"])
-    todo = [g for g in range(len(groups)) if g not in done]
+
+def _batch_runner(cfg, model, names, kinds, size):
+    """``run_batch(pixels, start) -> (arrays, bad)``: the compiled forward pass of one batch.
+
+    The last batch is padded to the batch size so the compiled graph is reused, not retraced.
+    """
+    ex = cfg.extract
+    bs = ex.batch_size
     thumb = thumbnail_shape(size, ex.thumbnail_size) if ex.thumbnail_size else None
     forward = make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
                            ex.dtype, ex.spatial_samples, thumb)
-    load = pixel_loader(cfg.data, dataset, size, channels)
     maps = [(li, l) for li, l in enumerate(names) if kinds[l] == "map"]
     shapes = {i.name: i.output_shape for i in model.layers}
 
@@ -220,6 +233,37 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
             arrays[f"{layer_path(l)}/spatial_pos"] = pos[:valid]
         return arrays, bad
 
+    return run_batch
+
+
+def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
+    from tqdm import tqdm
+
+    cfg, ex = ctx.cfg, ctx.cfg.extract
+    n = len(dataset)
+    groups = chunk_groups(n, ex)
+    done = set(progress["done"])
+    todo = [g for g in range(len(groups)) if g not in done]
+    run_batch = _batch_runner(cfg, model, names, kinds, size)
+    load = pixel_loader(cfg.data, dataset, size, channels)
+    writer = _ChunkWriter(ctx.store, root, progress)
+    bar = tqdm(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
+               desc="extract", disable=None, dynamic_ncols=True)
+    try:
+        stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, writer, bar.update)
+    finally:
+        writer.close()
+        bar.close()
+
+
+def stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, writer, advance=None):
+    """Run the batches of the chunk groups ``todo`` through the device and hand each finished
+    group to ``writer`` (batches are loaded one prefetched step ahead by a ``tf.data`` pipeline).
+    """
+    import tensorflow as tf
+
+    bs, rows = ex.batch_size, chunk_rows(ex)
+
     def gen():
         for g in todo:
             g_start, g_stop = groups[g]
@@ -229,29 +273,23 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     data = tf.data.Dataset.from_generator(gen, output_signature=(
         tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64),
         tf.TensorSpec((None, size[0], size[1], channels), tf.uint8))).prefetch(2)
-    writer = _ChunkWriter(ctx.store, root, progress)
-    bar = tqdm(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
-               desc="extract", disable=None, dynamic_ncols=True)
     parts, bad_total = {}, {}
-    try:
-        for g, start, pixels in data:
-            g, start, pixels = int(g), int(start), pixels.numpy()
-            arrays, bad = run_batch(pixels, start)
-            for key, value in arrays.items():
-                parts.setdefault(key, []).append(value)
-            for k, v in bad.items():
-                bad_total[k] = bad_total.get(k, 0) + v
-            bar.update(len(pixels))
-            if start + len(pixels) >= groups[g][1]:
-                merged = {k: np.concatenate(v) for k, v in parts.items()}
-                _ensure_array(root, "logits", n, merged["logits"].shape[1:], rows, "float32")
-                if "thumbnails" in merged:
-                    _ensure_array(root, "thumbnails", n, merged["thumbnails"].shape[1:], rows, "uint8")
-                writer.submit(g, groups[g][0], merged, bad_total)
-                parts, bad_total = {}, {}
-    finally:
-        writer.close()
-        bar.close()
+    for g, start, pixels in data:
+        g, start, pixels = int(g), int(start), pixels.numpy()
+        arrays, bad = run_batch(pixels, start)
+        for key, value in arrays.items():
+            parts.setdefault(key, []).append(value)
+        for k, v in bad.items():
+            bad_total[k] = bad_total.get(k, 0) + v
+        if advance is not None:
+            advance(len(pixels))
+        if start + len(pixels) >= groups[g][1]:
+            merged = {k: np.concatenate(v) for k, v in parts.items()}
+            _ensure_array(root, "logits", n, merged["logits"].shape[1:], rows, "float32")
+            if "thumbnails" in merged:
+                _ensure_array(root, "thumbnails", n, merged["thumbnails"].shape[1:], rows, "uint8")
+            writer.submit(g, groups[g][0], merged, bad_total)
+            parts, bad_total = {}, {}
 
 
 STAGE = Stage(name="extract", deps=(), params=_params, inputs=_inputs,
