@@ -185,17 +185,20 @@ def cmd_status(args):
 
 
 def cmd_layers(args):
-    from pipeline.models import AUTO_TYPES, load_model
+    from pipeline.autolayers import choose, summary_line
+    from pipeline.models import load_model
 
     model = load_model(args.model, args.trust_model)
     print(f"model {model.name}: input {tuple(model.input_shape)}")
+    auto = dict(choose(model, "auto"))
     rows = [("name", "type", "output shape", "analysable")]
     for i in model.layers:
-        verdict = ("yes (auto)" if i.type in AUTO_TYPES else "yes") if i.analysable else f"no: {i.reason}"
+        verdict = (f"yes (auto: {auto[i.name]})" if i.name in auto else "yes") if i.analysable else f"no: {i.reason}"
         rows.append((i.name, i.type, str(i.output_shape), verdict))
     widths = [max(len(r[c]) for r in rows) for c in range(3)]
     for r in rows:
         print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}")
+    print(f"layers: auto picks {summary_line(model.layers, list(auto.items()), 'auto')}")
 
 
 def cmd_export(args):

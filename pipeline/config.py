@@ -119,7 +119,7 @@ class Config(_Section):
     model: str
     trust_model: bool = False
     data: DataConfig
-    layers: Union[Literal["auto"], list[str]] = "auto"
+    layers: Union[Literal["auto", "all"], list[str]] = "auto"
     extract: ExtractConfig = ExtractConfig()
     embed: EmbedConfig = EmbedConfig()
     cluster: ClusterConfig = ClusterConfig()

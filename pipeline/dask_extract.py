@@ -44,9 +44,9 @@ def marker(group) -> str:
 def run(ctx):
     """The extract stage's ``run`` for ``engine: dask``; returns the same summary as the local one."""
     from distributed import as_completed
-    from tqdm import tqdm
 
     from pipeline import distributed
+    from pipeline.progress import progress as progress_bar
     from pipeline.stages import extract as X
 
     cfg, store = ctx.cfg, ctx.store
@@ -84,8 +84,8 @@ def run(ctx):
     groups = X.chunk_groups(n, ex)
     done = set(progress["done"])
     todo = [g for g in range(len(groups)) if g not in done]
-    bar = tqdm(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
-               desc="extract", disable=None, dynamic_ncols=True)
+    bar = progress_bar(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
+                       desc="extract")
     futures = [client.submit(extract_shard, job, model_key, shard, stamp, pure=False)
                for shard in shards(todo, distributed.n_workers(client))]
     saved = time.monotonic()
@@ -194,14 +194,15 @@ def _session(job, model_key):
         return sess
     drop_sessions()
     from pipeline.config import Config
-    from pipeline.models import load_model, select_layers
+    from pipeline.autolayers import choose
+    from pipeline.models import load_model
     from pipeline.stages import extract as X
     from pipeline.tfsetup import gpus
 
     cfg = Config.model_validate(job["config"])
     model = load_model(cfg.model, cfg.trust_model)
     size, channels = X.input_geometry(model, cfg.data)
-    names = select_layers(model.layers, cfg.layers)
+    names = [n for n, _ in choose(model, cfg.layers)]
     kinds = X.layer_kinds(model, names)
     sess = SimpleNamespace(cfg=cfg, model=model, names=names, kinds=kinds, size=size, channels=channels,
                            run_batch=X._batch_runner(cfg, model, names, kinds, size), devices=gpus(),

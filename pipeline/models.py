@@ -11,12 +11,10 @@ import json
 import zipfile
 from pathlib import Path
 
+from pipeline.autolayers import LEARNED_TYPES as AUTO_TYPES  # noqa: F401 (the small-model auto rule)
 from pipeline.errors import UnsafeModelError, UserError
 from pipeline.modelinfo import LayerInfo, analysable_shape
 
-# Layers picked by ``layers: auto``: the ones whose units are learned feature detectors.
-AUTO_TYPES = {"Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose", "Dense",
-              "Conv2d", "MatMul", "DepthwiseConv2dNative"}
 _SOFTMAX_NAMES = {"softmax"}
 
 
@@ -304,23 +302,27 @@ def _info(layer, name) -> LayerInfo:
     return LayerInfo(name, cls, shape, ok, reason)
 
 
-def select_layers(infos, spec) -> list[str]:
-    """Resolve ``layers: auto`` or a list of names / glob patterns to layer names.
+def select_layers(infos, spec, edges=None) -> list[str]:
+    """Resolve ``layers: auto``, ``all`` or a list of names / glob patterns to layer names.
 
     Parameters
     ----------
     infos : list of LayerInfo
-    spec : "auto" or list of str
+    spec : "auto", "all" or list of str
+        ``auto``: see :func:`pipeline.autolayers.auto_layers`; ``all``: every analysable layer.
+    edges : list of (str, str), optional
+        The model graph (:func:`pipeline.kerasgraph.model_edges`), used by ``auto``.
 
     Raises
     ------
     UserError
         A name or pattern that matches nothing, or a matched layer that is not analysable.
     """
-    if spec == "auto":
-        chosen = [i.name for i in infos if i.analysable and i.type in AUTO_TYPES]
-        if not chosen:
-            chosen = [i.name for i in infos if i.analysable]
+    if spec in ("auto", "all"):
+        from pipeline.autolayers import auto_layers
+
+        chosen = ([name for name, _ in auto_layers(infos, edges)] if spec == "auto"
+                  else [i.name for i in infos if i.analysable])
         if not chosen:
             raise UserError("no analysable layer found (run `python -m pipeline layers MODEL`)")
         return chosen

@@ -156,7 +156,7 @@ def test_layers_lists_names_types_shapes_and_verdicts(tmp_path):
     lines = result.stdout.splitlines()
     assert lines[0].startswith("model nested: input (16, 16, 3)")
     row = next(l for l in lines if l.startswith("block/inner_conv"))
-    assert "Conv2D" in row and "(14, 14, 5)" in row and "yes (auto)" in row
+    assert "Conv2D" in row and "(14, 14, 5)" in row and "yes (auto:" in row
     assert "no: input layer" in next(l for l in lines if l.startswith("input_layer"))
 
 

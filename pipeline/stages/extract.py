@@ -13,7 +13,7 @@ from pipeline.config import hash_json, parse_scale
 from pipeline.dataset import build_dataset, pixel_loader
 from pipeline.errors import UserError
 from pipeline.forward import layer_path, make_forward, output_keys, spatial_positions, thumbnail_shape
-from pipeline.models import load_model, model_kind, select_layers
+from pipeline.models import load_model, model_kind
 from pipeline.runner import Stage, file_hash, listing_hash
 
 ZARR = "activations.zarr"
@@ -56,6 +56,18 @@ def layer_kinds(model, names) -> dict:
     return {n: ("map" if len(shapes[n]) == 3 else "vector") for n in names}
 
 
+def _chosen_layers(ctx, model):
+    """The configured layers, each logged with the reason it was chosen."""
+    from pipeline.autolayers import choose, summary_line
+
+    choice = choose(model, ctx.cfg.layers)
+    ctx.log(f"extract: {summary_line(model.layers, choice, ctx.cfg.layers)}")
+    if len(choice) <= 24:  # `layers: all` on a deep model would print hundreds of lines
+        for name, why in choice:
+            ctx.log(f"  {name}: {why}")
+    return [n for n, _ in choice]
+
+
 def run(ctx):
     if ctx.cfg.engine == "dask":  # shards on Dask workers; same arrays (pipeline.dask_extract)
         from pipeline import dask_extract
@@ -68,7 +80,7 @@ def run(ctx):
     devices = gpus()
     ctx.log(f"extract: running on {', '.join(devices) if devices else 'CPU (no GPU visible to TensorFlow)'}")
     size, channels = input_geometry(model, cfg.data)
-    names = select_layers(model.layers, cfg.layers)
+    names = _chosen_layers(ctx, model)
     kinds = layer_kinds(model, names)
     plan = hash_json({"params": _params(cfg), "inputs": _inputs(cfg), "layers": names})
 
@@ -237,7 +249,7 @@ def _batch_runner(cfg, model, names, kinds, size):
 
 
 def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
-    from tqdm import tqdm
+    from pipeline.progress import progress as progress_bar
 
     cfg, ex = ctx.cfg, ctx.cfg.extract
     n = len(dataset)
@@ -247,8 +259,8 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     run_batch = _batch_runner(cfg, model, names, kinds, size)
     load = pixel_loader(cfg.data, dataset, size, channels)
     writer = _ChunkWriter(ctx.store, root, progress)
-    bar = tqdm(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
-               desc="extract", disable=None, dynamic_ncols=True)
+    bar = progress_bar(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
+                       desc="extract")
     try:
         stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, writer, bar.update)
     finally:
