@@ -56,6 +56,14 @@ def _parser() -> argparse.ArgumentParser:
     ly.add_argument("model", metavar="MODEL")
     ly.add_argument("--trust-model", action="store_true",
                     help="allow Lambda layers / custom objects (runs code from the model file)")
+    pl = sub.add_parser("plan", help="what each stage will do, with time and memory estimates",
+                        description="Print, per stage, the work it will do (layers, units, images, maps, "
+                                    "act-max images), an estimated time from a short warm-up on this machine "
+                                    "and a peak-memory estimate; over the budget, what to cut.")
+    pl.add_argument("target", metavar="CONFIG_OR_RUN_DIR")
+    pl.add_argument("--budget", type=float, metavar="MINUTES", help="warn above this many minutes (default: budget_minutes, 60)")
+    pl.add_argument("--trust-model", action="store_true",
+                    help="allow Lambda layers / custom objects (runs code from the model file)")
     ex = sub.add_parser("export", help="export a run for other tools (TensorBoard Projector)",
                         description="Write TensorBoard Projector files (tensors.tsv, metadata.tsv, sprite.png, "
                                     "projector_config.pbtxt) for one layer of a finished run.")
@@ -148,6 +156,8 @@ def _run(cfg, args, only=None, from_stage=None):
     check_safe(cfg.model, cfg.trust_model)  # refuse before anything is written or run
 
     runner = Runner(cfg, all_stages(), debug=args.debug)
+    if getattr(args, "show_plan", False):
+        _print_plan(cfg, runner, only, from_stage, args.force)
     try:
         runner.run(only=only, from_stage=from_stage, force=args.force)
     finally:
@@ -159,8 +169,52 @@ def _run(cfg, args, only=None, from_stage=None):
     return runner
 
 
+def _print_plan(cfg, runner, only, from_stage, force, budget=None):
+    """The plan of the stages about to run, on stderr; an estimate that fails never stops the run."""
+    from pipeline.planning import plan_run
+
+    stages = [s.name for s in runner.plan(only, from_stage, force)]
+    if not stages:
+        return
+    if budget is not None:
+        cfg.budget_minutes = budget
+    clusters = _known_clusters(runner)
+    try:
+        lines = plan_run(cfg, stages, clusters).lines()
+    except UserError:
+        raise
+    except Exception as exc:  # the estimate is advice: a model it cannot time still runs
+        lines = [f"plan: no estimate ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"]
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _known_clusters(runner):
+    """Clusters per layer from a finished cluster stage (the maximize estimate uses them)."""
+    if not runner.store.exists("cluster_summary.parquet"):
+        return None
+    table = runner.store.read_table("cluster_summary.parquet")
+    return table.groupby("layer").size().to_dict() if "layer" in table else None
+
+
+def cmd_plan(args):
+    from pipeline.runner import Runner
+    from pipeline.stages import all_stages
+
+    cfg = _config_from(args)
+    runner = Runner(cfg, all_stages(), debug=args.debug)
+    stages = [s.name for s in runner.plan()] or [s.name for s in runner.stages]
+    if args.budget is not None:
+        cfg.budget_minutes = args.budget
+    from pipeline.planning import plan_run
+
+    for line in plan_run(cfg, stages, _known_clusters(runner)).lines():
+        print(line)
+
+
 def cmd_run(args):
     cfg = _config_from(args)
+    args.show_plan = True
     _run(cfg, args, only=args.only, from_stage=args.from_stage)
 
 
@@ -214,7 +268,7 @@ def cmd_demo(args):
     run_demo(out=args.out, force=args.force, debug=args.debug)
 
 
-COMMANDS = {"run": cmd_run, "status": cmd_status, "layers": cmd_layers, "demo": cmd_demo, "export": cmd_export,
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "layers": cmd_layers, "demo": cmd_demo, "export": cmd_export,
             **{s: cmd_stage for s in STAGE_NAMES}}
 
 

@@ -57,10 +57,19 @@ class ClusterConfig(_Section):
     bootstrap: int = Field(default=20, ge=0)
     top_k: int = Field(default=9, ge=1)
     reduction: Literal["mean", "max"] = "mean"
+    # CKA between layers: minibatch unbiased HSIC on a seeded sample of at most cka_rows images
+    # (null = all) in groups of cka_batch rows; memory does not depend on the layer widths.
+    cka_rows: Optional[int] = Field(default=4096, ge=4)
+    cka_batch: int = Field(default=256, ge=4)
+    # A layer with more units is not clustered (its C x C float64 correlation would be too big);
+    # its units get cluster -1 and the log says so. CKA still covers it.
+    max_units: int = Field(default=8192, ge=2)
 
 
 class MaximizeConfig(_Section):
-    units: Union[Literal["all"], str, list[int]] = "all"
+    # Per layer: the top-K units (highest dataset maximum) plus every cluster direction; "all" is
+    # every unit of every layer (hours on a CPU for a deep model).
+    units: Union[Literal["all"], str, list[int]] = "top:4"
     steps: int = Field(default=256, ge=1)
     size: int = Field(default=128, ge=8)
     clusters: bool = True
@@ -78,7 +87,7 @@ class MaximizeConfig(_Section):
     # Lucid's redirected ReLU gradient, so units silent on the grey start image can still move.
     relu_redirect: bool = True
     # Stop starting new batches after this many seconds; a rerun renders what is missing.
-    max_seconds: Optional[float] = Field(default=None, gt=0)
+    max_seconds: Optional[float] = Field(default=480, gt=0)
 
 
 class ReportConfig(_Section):
@@ -131,6 +140,8 @@ class Config(_Section):
     engine: Literal["local", "dask"] = "local"
     workers: Optional[int] = Field(default=None, ge=1)   # dask: start a LocalCluster of this many processes
     scheduler: Optional[str] = None                      # dask: address of an existing cluster's scheduler
+    # The plan printed before a run warns (and says what to cut) when its estimate exceeds this.
+    budget_minutes: float = Field(default=60.0, gt=0)
 
     @field_validator("name")
     @classmethod

@@ -23,7 +23,7 @@ def demo_config(assets, out=None):
         "layers": "auto",
         "extract": {"batch_size": 64, "spatial_samples": 4},
         # 128 steps at a higher rate match 256 steps at 0.05 on this small model, in half the time.
-        "maximize": {"steps": 128, "learning_rate": 0.2},
+        "maximize": {"steps": 128, "learning_rate": 0.2, "units": "all", "max_seconds": None},
     }
     return make_config(raw)
 

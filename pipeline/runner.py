@@ -178,6 +178,9 @@ class Runner:
             if old.get(key) != value:
                 what = f"upstream stage '{key[6:]}' changed" if key.startswith("stage:") else f"input '{key}' changed"
                 return "stale", what
+        partial = _partial(rec)
+        if partial:
+            return "partial", partial
         return "done", f"finished {rec.get('finished_at', '?')}"
 
     # -- running --
@@ -194,7 +197,13 @@ class Runner:
         chosen = [self.by_name[only]] if only else self.stages
         if force:
             return list(chosen)
-        return [s for s in chosen if self.state(s, manifest)[0] != "done"]
+        planned = []
+        for s in chosen:
+            # a stage reruns when it is not done, or when something it reads (even optionally) reruns
+            upstream = set(s.deps) | set(s.optional)
+            if self.state(s, manifest)[0] != "done" or upstream & {p.name for p in planned}:
+                planned.append(s)
+        return planned
 
     def run(self, only=None, from_stage=None, force=False) -> list[tuple[str, str]]:
         """Run what is needed; return ``(stage, outcome)`` pairs."""
@@ -248,6 +257,17 @@ class Runner:
             status, reason = self.state(stage, manifest)
             lines.append(f"{stage.name:<9} {status:<8} {reason}")
         return lines
+
+
+def _partial(rec):
+    """Why a finished stage is only partly done (e.g. a time budget left images unrendered), or ``""``."""
+    summary = rec.get("summary") or {}
+    missing = summary.get("missing") or 0
+    if not missing:
+        return ""
+    total = (summary.get("images") or 0) + missing
+    return (f"({total - missing} of {total} rendered) the time budget ran out; run the stage again to "
+            "render the rest (finished images are kept)")
 
 
 def _source_hash(stage) -> str:

@@ -240,10 +240,9 @@ def _renderer(ctx, model, group):
 
 
 def _render_all(ctx, groups, todo, done, params_hash):
-    from tqdm import tqdm
-
     from pipeline.maximize import plan
     from pipeline.models import load_model
+    from pipeline.progress import progress
 
     mx = ctx.cfg.maximize
     total = sum(len(v) for v in todo.values())
@@ -251,9 +250,9 @@ def _render_all(ctx, groups, todo, done, params_hash):
         return 0, 0
     model = load_model(ctx.cfg.model, ctx.cfg.trust_model)
     deadline = time.monotonic() + mx.max_seconds if mx.max_seconds else None
-    bar = tqdm(total=total, unit="img", desc="maximize", disable=None, dynamic_ncols=True)
+    bar = progress(total=total, unit="img", desc="maximize")
     rendered = 0
-    for g in groups:
+    for g in render_order(groups):
         if not todo[g.name]:
             continue
         renderer = _renderer(ctx, model, g)
@@ -269,6 +268,36 @@ def _render_all(ctx, groups, todo, done, params_hash):
             bar.update(len(batch))
     bar.close()
     return rendered, 0
+
+
+def render_order(groups):
+    """Classes first, then the layers spread over depth (deepest, first, middle, quarters …).
+
+    Under a time budget the images that are rendered then cover the whole network instead of
+    its first layers only.
+    """
+    classes = [g for g in groups if g.name == "logits" and g.objective_layer == "logits"]
+    layers = [g for g in groups if g not in classes]
+    return classes + [layers[i] for i in spread_indices(len(layers))]
+
+
+def spread_indices(n):
+    """``0..n-1`` reordered so every prefix is spread evenly: last, first, middle, quarters, …"""
+    if n <= 2:
+        return list(range(n))[::-1]
+    order, seen = [n - 1, 0], {n - 1, 0}
+    parts = 2
+    while len(order) < n:
+        for k in range(1, parts, 2):
+            i = int(round(k * (n - 1) / parts))
+            if i not in seen:
+                order.append(i)
+                seen.add(i)
+        parts *= 2
+        if parts > 4 * n:
+            order += [i for i in range(n) if i not in seen]
+            break
+    return order
 
 
 def _render_batch(ctx, renderer, batch, params_hash, size):

@@ -1,0 +1,78 @@
+"""`plan` and the first lines of `run`: work, time and memory per stage before any work; partial stages."""
+import yaml
+
+import zoo
+from pipeline.cli import main
+from pipeline.planning import Plan, StageEstimate, count_images
+
+
+def write_config(tmp_path, model, images, **extra):
+    cfg = {"name": "plan", "out": str(tmp_path / "run"), "model": str(model), "data": {"images": str(images)},
+           "embed": {"methods": ["tsne"], "of": ["images"]}, "cluster": {"bootstrap": 2},
+           "probe": {"probes": ["grayscale"], "bootstrap": 100},
+           "report": {"out": str(tmp_path / "report"), "explorer": False}}
+    cfg.update(extra)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_plan_prints_every_stage_with_time_and_memory_and_cuts_over_budget(tmp_path, capsys):
+    zoo.image_folder(tmp_path / "images", per_class=4)
+    model = zoo.save(zoo.sequential(), tmp_path / "model", "keras")
+    path = write_config(tmp_path, model, tmp_path / "images", maximize={"units": "all", "steps": 5000,
+                                                                        "max_seconds": None})
+    assert main(["plan", str(path), "--budget", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("plan: 12 images, 3 layers")
+    for stage in ("extract", "embed", "cluster", "probe", "maximize", "report", "total"):
+        assert f"  {stage} " in out
+    assert "5000 steps" in out and "over the budget of 0.01 min" in out
+    assert "maximize: maximize.units: top:2" in out, "the most expensive stage says what to cut"
+    assert not (tmp_path / "run").exists(), "planning does no work and writes nothing"
+
+
+def test_run_starts_with_the_plan_and_a_time_budget_leaves_maximize_partial(tmp_path, capsys):
+    zoo.image_folder(tmp_path / "images", per_class=4)
+    model = zoo.save(zoo.sequential(), tmp_path / "model", "keras")
+    path = write_config(tmp_path, model, tmp_path / "images",
+                        maximize={"units": "all", "steps": 4, "max_seconds": 1e-6, "classes": False})
+    assert main(["run", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.index("plan: 12 images") < err.index("extract: running")
+    assert "time budget (maximize.max_seconds) reached" in err
+    assert main(["status", str(tmp_path / "run")]) == 0
+    status = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "partial  (0 of " in status["maximize"] and "rendered)" in status["maximize"]
+    assert "done" in status["report"]
+    # a rerun with room renders the rest, and the stage is done
+    path = write_config(tmp_path, model, tmp_path / "images",
+                        maximize={"units": "all", "steps": 4, "max_seconds": None, "classes": False})
+    assert main(["run", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(" done " in line for line in lines), lines
+
+
+def test_over_budget_lines_name_the_costliest_stages_keys():
+    plan = Plan(["plan: test"], [StageEstimate("extract", "a", 10, 1e9, ["data.limit: N"]),
+                                 StageEstimate("maximize", "b", 7200, 2e9, ["maximize.units: top:2"])], 60)
+    lines = plan.lines()
+    total = next(line for line in lines if line.startswith("  total"))
+    assert "2.0 h" in total and "1.9 GB peak" in total
+    over = lines.index(next(line for line in lines if line.startswith("  over the budget of 60 min")))
+    assert lines[over + 1] == "    maximize: maximize.units: top:2", "the costliest stage comes first"
+
+
+def test_image_count_honours_limit_without_decoding(tmp_path):
+    zoo.image_folder(tmp_path / "images", per_class=4)
+    (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not a png")
+
+    class Data:
+        npz, images, limit = None, str(tmp_path / "images"), None
+
+    n, classes = count_images(Data)
+    assert classes >= 2 and n == 4 * classes + 1
+    Data.limit = 5
+    assert count_images(Data)[0] == 5
