@@ -5,9 +5,11 @@
 - **extract** (:mod:`pipeline.dask_extract`): the dataset is split into shards, the extract
   stage's chunk groups; every worker loads the model once and writes its shards straight into
   ``activations.zarr.partial``.
-- **cluster**: :func:`row_blocks` gives the statistics code (:mod:`pipeline.neurons`,
-  :mod:`pipeline.layerstats`) row blocks that fit one accumulator per block on the workers and
-  merge them here in row order; the bootstrap runs its resamples in parallel passes.
+- **cluster**: :func:`row_blocks` gives the statistics code (:mod:`pipeline.neurons`) row blocks
+  that fit one accumulator per block on the workers and merge them here in row order; the
+  bootstrap runs its resamples in parallel passes. CKA between layers
+  (:class:`pipeline.layerstats.MinibatchCKA`) reads a bounded row sample and runs here, as on the
+  local engine.
 - **embed** (:mod:`pipeline.dask_embed`): the map is fitted on a sample here, the rest placed in
   parallel chunks on the workers.
 

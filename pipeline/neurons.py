@@ -12,10 +12,13 @@ API
 ---
 ``StreamingMoments(*, cross=True, dtype=np.float32)``
     ``.partial_fit(x, sample_weight=None) -> self``, ``.merge(other) -> self``, ``.summary() -> dict``,
-    ``.correlation(tol=1e-8) -> (C, C)``. Running mean, co-moments, min, max, non-finite counts.
-``correlation_streaming(chunks, *, tol=1e-8, dtype=np.float32) -> (corr (C, C), stats dict)``
+    ``.correlation(rtol=DEAD_RTOL) -> (C, C)``. Running mean, co-moments, min, max, non-finite counts.
+``correlation_streaming(chunks, *, rtol=DEAD_RTOL, dtype=np.float32) -> (corr (C, C), stats dict)``
     One pass. ``stats``: ``n, mean, std, min, max, n_nonfinite`` (arrays of length C).
-``dead_units(stats, tol=1e-8) -> (C,) bool``
+``unit_moments(chunks) -> stats dict``
+    The same ``stats`` without the ``(C, C)`` co-moments: ``O(C)`` memory, for very wide layers.
+``dead_units(stats, rtol=DEAD_RTOL) -> (C,) bool``
+    Scale-free: non-finite anywhere, or constant within float32 precision of the unit's own scale.
 ``NeuronClusterer(*, method="agglomerative", n_clusters="auto", k_range=(2, 12),
 min_cluster_size=5, random_state=None)``
     ``.fit(corr) -> self`` sets ``labels_`` (-1 = dead or noise), ``n_clusters_``, ``kept_``,
@@ -52,6 +55,10 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from pipeline.streams import fold
 
 METHODS = ("agglomerative", "kmeans", "hdbscan")
+
+#: A unit whose std is at most this share of its largest |value| is constant: its variation is a
+#: few float32 rounding steps (activations are stored as float32), which no correlation can use.
+DEAD_RTOL = 4 * float(np.finfo(np.float32).eps)
 
 
 # --------------------------------------------------------------------------- moments
@@ -167,12 +174,13 @@ class StreamingMoments:
                 "min": np.where(missing, np.nan, self.min_), "max": np.where(missing, np.nan, self.max_),
                 "n_nonfinite": self.n_nonfinite_.copy()}
 
-    def correlation(self, tol=1e-8):
-        """Pearson correlation ``(C, C)``; rows and columns of dead units are NaN, diagonal 1."""
+    def correlation(self, rtol=DEAD_RTOL):
+        """Pearson correlation ``(C, C)``; rows and columns of dead units (see :func:`dead_units`)
+        are NaN, diagonal 1."""
         _require_data(self)
         if not self.cross:
             raise ValueError("correlation needs StreamingMoments(cross=True)")
-        dead = dead_units(self.summary(), tol)
+        dead = dead_units(self.summary(), rtol)
         scale = np.sqrt(np.where(dead, 1.0, np.diag(self._m2)))
         corr = np.clip(self._m2 / np.outer(scale, scale), -1.0, 1.0)
         corr[dead, :] = np.nan
@@ -200,14 +208,14 @@ def _require_data(moments):
         raise ValueError("no data seen: call partial_fit first")
 
 
-def correlation_streaming(chunks, *, tol=1e-8, dtype=np.float32):
+def correlation_streaming(chunks, *, rtol=DEAD_RTOL, dtype=np.float32):
     """Pearson correlation between units in one streaming pass.
 
     Parameters
     ----------
     chunks : callable
         ``chunks()`` returns an iterator over row chunks ``(n_i, C)``.
-    tol : float, default=1e-8
+    rtol : float, default=DEAD_RTOL
         Dead-unit tolerance, see :func:`dead_units`; dead units get NaN rows and columns.
     dtype : numpy dtype, default=np.float32
         Precision of the per-chunk product (sums are float64).
@@ -219,21 +227,61 @@ def correlation_streaming(chunks, *, tol=1e-8, dtype=np.float32):
         ``n`` (rows), and per unit ``mean, std, min, max, n_nonfinite``.
     """
     moments = fold(chunks, partial(StreamingMoments, dtype=dtype), _fit_rows)
-    return moments.correlation(tol), moments.summary()
+    return moments.correlation(rtol), moments.summary()
+
+
+def unit_moments(chunks):
+    """Per-unit ``stats`` as :func:`correlation_streaming` returns them, in ``O(C)`` memory.
+
+    For layers too wide for a ``(C, C)`` correlation: enough for :func:`dead_units` and the
+    centroid projection of :func:`cluster_summary`.
+
+    Parameters
+    ----------
+    chunks : callable
+        ``chunks()`` returns an iterator over row chunks ``(n_i, C)``.
+
+    Returns
+    -------
+    dict
+        ``n`` (rows), and per unit ``mean, std, min, max, n_nonfinite``.
+    """
+    return fold(chunks, partial(StreamingMoments, cross=False), _fit_rows).summary()
 
 
 def _fit_rows(moments, x, offset):
     moments.partial_fit(x)
 
 
-def dead_units(stats, tol=1e-8):
-    """Units that cannot be correlated: (near-)constant, or with any non-finite value.
+def dead_units(stats, rtol=DEAD_RTOL):
+    """Units that cannot be correlated: constant at float32 precision, or with a non-finite value.
 
-    A unit is dead when ``std <= tol * max(1, |mean|)`` (relative for large offsets, absolute
-    near zero) or ``n_nonfinite > 0``.
+    The rule is scale-free: a unit is dead when ``n_nonfinite > 0`` or
+    ``std <= rtol * max(|mean|, max|value|)``, with ``max|value| = max(|min|, |max|)`` the unit's
+    own largest magnitude. A unit whose values are all equal (std 0, at any level, also 0) or vary
+    only by a few float32 rounding steps of its magnitude is dead; a unit with values near 1e-10
+    that really vary is alive (randomly initialised deep layers produce such activations, and
+    they carry information: an absolute floor such as ``std < 1e-8`` called every unit dead).
+    The largest magnitude, not the mean, sets the scale, so a sparse unit (0 on most images) is
+    alive: its std is at least ``max|value| / sqrt(N)``.
+
+    Parameters
+    ----------
+    stats : dict
+        Per-unit ``std, mean, min, max, n_nonfinite`` (from :func:`correlation_streaming`,
+        :func:`unit_moments` or ``StreamingMoments.summary()``; ``min``/``max`` are over the
+        finite values, NaN when there is none).
+    rtol : float, default=DEAD_RTOL
+        ``4 * float32 eps`` (about 4.8e-7): four rounding steps of the stored activations.
+
+    Returns
+    -------
+    ndarray of shape (C,), bool
     """
-    std, mean = np.asarray(stats["std"]), np.asarray(stats["mean"])
-    constant = ~(std > tol * np.maximum(1.0, np.abs(mean)))  # NaN std counts as constant
+    std, mean = np.asarray(stats["std"], dtype=np.float64), np.asarray(stats["mean"], dtype=np.float64)
+    scale = np.fmax(np.abs(mean), np.fmax(np.abs(np.asarray(stats["min"], dtype=np.float64)),
+                                          np.abs(np.asarray(stats["max"], dtype=np.float64))))
+    constant = ~(std > rtol * scale)  # NaN std or NaN scale (no finite value) counts as constant
     return constant | (np.asarray(stats["n_nonfinite"]) > 0)
 
 

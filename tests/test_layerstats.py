@@ -10,11 +10,14 @@ from scipy.stats import ortho_group
 
 from pipeline.layerstats import (
     LAYER_COLUMNS,
+    MinibatchCKA,
+    StreamingCKA,
     cka_matrix,
     class_silhouette,
     knn_class_accuracy,
     layer_figures,
     layer_table,
+    minibatch_cka,
     probe_accuracy,
 )
 
@@ -53,6 +56,15 @@ def hsic_biased(x, y):
     """Kornblith et al. (2019) feature-space form on centred data."""
     x, y = x - x.mean(0), y - y.mean(0)
     return np.linalg.norm(x.T @ y) ** 2
+
+
+def peak_bytes(fn):
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def cka_full_batch(layers, hsic):
@@ -155,6 +167,145 @@ def test_cka_memory_does_not_depend_on_the_number_of_images():
 
     small, large = peak(10), peak(40)
     assert abs(large - small) <= 0.15 * small
+
+
+# --------------------------------------------------------------------------- minibatch CKA
+
+
+def exact_cka(layers):
+    """The exact unbiased CKA on every row (the former streaming estimator, O(D^2) memory)."""
+    return StreamingCKA().partial_fit(layers).cka()
+
+
+def planted_layers(n=2000, seed=0):
+    """A chain of layers, each a noisy ReLU map of the one before, plus an unrelated layer and one
+    that keeps two of the latent factors: CKA from about 0 to 0.9."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 8))
+    layers, h = [], z
+    for width in (16, 32, 24, 48, 8):
+        h = np.maximum(h @ rng.normal(size=(h.shape[1], width)), 0) + 0.5 * rng.normal(size=(n, width))
+        layers.append(h)
+    return layers + [rng.normal(size=(n, 12)), np.column_stack([z[:, :2], rng.normal(size=(n, 3))])]
+
+
+class LazyLayer:
+    """An (N, C) float32 layer made when rows are asked for: nothing of size N x C is kept."""
+
+    def __init__(self, n, units, seed):
+        self.shape, self.seed = (n, units), seed
+
+    def __getitem__(self, rows):
+        rng = np.random.default_rng(self.seed)
+        base = rng.standard_normal((self.shape[0], 4), dtype=np.float32)[rows]
+        return (base @ rng.standard_normal((4, self.shape[1]), dtype=np.float32)
+                + rng.standard_normal((len(base), self.shape[1]), dtype=np.float32))
+
+
+def test_one_group_is_the_exact_unbiased_estimator():
+    # 300 rows < 2 x 256: a single group of every row, i.e. Song et al.'s estimator itself. The
+    # only difference is the float32 storage of the U-centred Gram vectors (measured: 1e-10).
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(300, 7)) + np.linspace(0, 5, 300)[:, None]
+    b = a @ rng.normal(size=(7, 5)) + rng.normal(size=(300, 5)) + 10
+    c = 100 * rng.normal(size=(300, 3)) + 1000
+    model = MinibatchCKA().fit([a, b, c])
+    assert model.group_sizes_.tolist() == [300]
+    assert np.allclose(model.cka_, cka_full_batch([a, b, c], hsic_unbiased), atol=1e-6, rtol=0)
+    assert np.allclose(model.cka_, exact_cka([a, b, c]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_minibatches_stay_close_to_the_exact_estimator(seed):
+    # 2000 rows in 7 groups of about 285: over 25 draws (5 data seeds x 5 grouping seeds) the
+    # largest |difference| from the exact CKA on all rows was 0.0052; 0.02 leaves room for
+    # other BLAS builds without hiding a real error (the matrix spans 0 to 0.9)
+    layers = planted_layers(seed=seed)
+    model = MinibatchCKA(random_state=seed).fit(layers)
+    assert len(model.group_sizes_) == 7 and model.group_sizes_.min() >= 256
+    exact = exact_cka(layers)
+    assert np.abs(model.cka_ - exact).max() < 0.02
+    assert exact.min() < 0.01 and np.sort(exact, axis=None)[-len(layers) - 1] > 0.85  # the structure is there
+
+
+def test_memory_does_not_depend_on_the_layer_widths():
+    # 40 layers of 2000 units: the former estimator held 80 000 x 80 000 float64 matrices
+    # (51 GB each). Here the state is the L x L sums plus one pass's U-centred Gram vectors
+    # (4 bytes x L x n(n-1)/2 per group of n rows), the same for 20 units per layer.
+    states = {}
+    for units in (2000, 20):
+        model = MinibatchCKA(batch_size=64).fit([LazyLayer(300, units, seed) for seed in range(40)])
+        sizes = model.group_sizes_
+        assert model.hsic_.shape == model.cka_.shape == (40, 40)
+        assert model.block_bytes_ == 4 * 40 * int((sizes * (sizes - 1) // 2).sum())  # 1.8 MB
+        states[units] = (model.block_bytes_, model.hsic_.nbytes)
+    assert states[2000] == states[20]
+    peak = peak_bytes(lambda: MinibatchCKA(batch_size=64).fit([LazyLayer(300, 2000, s) for s in range(40)]))
+    assert peak < 32 * 2**20  # measured 10 MB: a few layer reads of 300 x 2000, not D x D
+
+
+def test_a_memory_budget_splits_the_passes_without_changing_the_result():
+    layers = planted_layers(n=1200)
+    one = MinibatchCKA(batch_size=64).fit(layers)
+    split = MinibatchCKA(batch_size=64, max_bytes=one.block_bytes_ // 4).fit(layers)
+    assert one.n_passes_ == 1 and split.n_passes_ >= 4 and split.block_bytes_ <= one.block_bytes_ // 4
+    assert np.array_equal(one.cka_, split.cka_)
+
+
+def test_same_seed_same_matrix_and_the_sample_is_bounded():
+    layers = planted_layers(n=3000)
+    first = MinibatchCKA(max_rows=1000, random_state=7).fit(layers)
+    again = MinibatchCKA(max_rows=1000, random_state=7).fit(layers)
+    other = MinibatchCKA(max_rows=1000, random_state=8).fit(layers)
+    assert np.array_equal(first.cka_, again.cka_) and np.array_equal(first.rows_, again.rows_)
+    assert len(first.rows_) == 1000 and not np.array_equal(first.rows_, other.rows_)
+    assert np.abs(first.cka_ - other.cka_).max() < 0.05  # another sample, the same picture
+
+
+def test_zarr_arrays_give_the_numpy_result(tmp_path):
+    import zarr
+
+    layers = [x.astype(np.float32) for x in planted_layers(n=700)]
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    stored = []
+    for i, x in enumerate(layers):
+        stored.append(root.create_array(f"l{i}", shape=x.shape, chunks=(128, x.shape[1]), dtype="float32"))
+        stored[-1][:] = x
+    assert np.array_equal(minibatch_cka(stored, max_rows=500), minibatch_cka(layers, max_rows=500))
+
+
+def test_cka_is_one_for_rotations_scalings_and_shifts_at_any_scale():
+    x = noise(600, 16)
+    rotation = ortho_group.rvs(16, random_state=0)
+    cka = minibatch_cka([x, x @ rotation, 5 * x + 2, 1e-10 * x, 1e20 * x - 3e20], batch_size=64)
+    assert np.allclose(cka, 1.0, atol=1e-6)
+
+
+def test_a_constant_layer_gets_a_nan_row_and_the_others_are_unaffected():
+    layers = planted_layers(n=600)[:3]
+    constants = [np.zeros((600, 4)), np.full((600, 4), 0.1), np.full((600, 4), 1e6)]
+    cka = minibatch_cka(layers + constants, batch_size=64)
+    assert np.isnan(cka[3:]).all() and np.isnan(cka[:, 3:]).all()
+    assert np.allclose(cka[:3, :3], minibatch_cka(layers, batch_size=64), atol=1e-12, rtol=0)
+
+
+def test_non_finite_values_count_as_zero():
+    layers = planted_layers(n=600)[:3]
+    broken = [x.copy() for x in layers]
+    broken[0][5, 2], broken[1][7, :], broken[2][9, 0] = np.nan, np.inf, -np.inf
+    model = MinibatchCKA(batch_size=64).fit(broken)
+    assert model.n_nonfinite_.tolist() == [1, 32, 1]
+    zeroed = [np.where(np.isfinite(x), x, 0.0) for x in broken]
+    assert np.isfinite(model.cka_).all()
+    assert np.array_equal(model.cka_, MinibatchCKA(batch_size=64).fit(zeroed).cka_)
+
+
+def test_minibatch_cka_checks_its_input():
+    with pytest.raises(ValueError, match="batch_size must be an int >= 4"):
+        MinibatchCKA(batch_size=3).fit([noise(50, 4)])
+    with pytest.raises(ValueError, match="same N rows"):
+        MinibatchCKA().fit([noise(50, 4), noise(40, 4)])
+    assert np.isnan(MinibatchCKA().fit([noise(3, 4), noise(3, 2)]).cka_).all()  # n < 4: no estimate
 
 
 # --------------------------------------------------------------------------- table

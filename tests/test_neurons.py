@@ -14,6 +14,7 @@ from pipeline.neurons import (
     cluster_summary,
     correlation_streaming,
     dead_units,
+    unit_moments,
     unit_summary,
 )
 
@@ -79,11 +80,68 @@ def test_dead_units_are_flagged_and_get_nan_rows():
     assert np.isfinite(corr[:40, :40]).all()  # the NaN did not leak into other units
 
 
-def test_dead_unit_rule_is_relative_to_the_mean():
-    stats = {"mean": np.array([0.0, 1e6, 1e6, 5.0]), "std": np.array([0.0, 1e-3, 1.0, 1e-9]),
-             "n_nonfinite": np.array([0, 0, 0, 0])}
-    # std <= 1e-8 * max(1, |mean|): 1e-3 is nothing next to 1e6, 1e-9 is nothing next to 5
-    assert dead_units(stats).tolist() == [True, True, False, True]
+def scales_and_constants(n=1000, seed=3):
+    """float32 columns as the extract stage stores them: 4 alive at very different scales, then
+    5 dead ones (constants at 1e6, 1e-10 and 0, 1e6 plus float32-rounding noise, one NaN)."""
+    rng = np.random.default_rng(seed)
+    signal = rng.normal(size=n)
+    ulp = np.spacing(np.float32(1e6))  # 0.0625: the float32 rounding step at 1e6
+    x = np.column_stack([
+        1e-10 * signal + 3e-10,  # random-init deep layers: tiny, but informative
+        1e6 + 1e3 * signal,  # a large offset with real variation
+        1e-10 * rng.exponential(size=n) * (rng.random(n) < 0.01),  # sparse: 0 on 99 % of the images
+        -1e6 * signal,
+        np.full(n, 1e6), np.full(n, 1e-10), np.zeros(n),
+        np.float32(1e6) + ulp * rng.integers(-2, 3, n),  # only rounding steps of its magnitude
+        rng.normal(size=n),
+    ]).astype(np.float32)
+    x[17, -1] = np.nan
+    return x
+
+
+def test_dead_units_are_scale_free():
+    x = scales_and_constants()
+    corr, stats = correlation_streaming(chunked(x))
+    assert dead_units(stats).tolist() == [False] * 4 + [True] * 5
+    assert np.allclose(corr[0, 1], 1.0) and np.allclose(corr[0, 3], -1.0)  # the same signal at 1e-10 and 1e6
+    assert np.isnan(corr[4:]).all() and np.isfinite(corr[:4, :4]).all()
+
+
+def test_dead_unit_rule_on_the_stats_alone():
+    # std <= 4 float32 eps (4.8e-7) x max(|mean|, max|value|), or any non-finite value
+    stats = {"mean": np.array([1e-10, 1e6, 1e6, 0.0, 5.0, 5.0]),
+             "std": np.array([1e-11, 1e-2, 1.0, 0.0, 1.0, np.nan]),
+             "min": np.array([0.0, 1e6 - 1, 1e6 - 5, 0.0, 0.0, np.nan]),
+             "max": np.array([3e-10, 1e6 + 1, 1e6 + 5, 0.0, 9.0, np.nan]),
+             "n_nonfinite": np.array([0, 0, 0, 0, 2, 100])}
+    assert dead_units(stats).tolist() == [False, True, False, True, True, True]
+
+
+def test_unit_moments_are_the_correlation_stats_without_the_matrix():
+    x = scales_and_constants()
+    _, stats = correlation_streaming(chunked(x))
+    alone = unit_moments(chunked(x))
+    assert stats.keys() == alone.keys()
+    assert all(np.allclose(stats[k], alone[k], equal_nan=True, rtol=1e-6, atol=0) for k in stats)
+    assert np.array_equal(dead_units(stats), dead_units(alone))
+
+
+def test_a_layer_wider_than_max_units_is_not_clustered():
+    from pipeline.config import make_config
+    from pipeline.stages.cluster import cluster_layer
+
+    x = planted()
+    labels = np.random.default_rng(0).integers(0, 3, len(x))
+    cfg = make_config({"model": "m.keras", "data": {"images": "i"}, "cluster": {"max_units": 41}})
+    units, summary, clusterer, notes = cluster_layer(chunked(x), len(x), labels, cfg, n_units=x.shape[1])
+    assert clusterer is None and len(summary) == 0
+    assert (units.cluster == -1).all() and np.flatnonzero(units.dead).tolist() == [ZERO, NAN]
+    assert units.channel.tolist() == list(range(42)) and units.top_indices.map(len).iloc[0] == 9
+    assert notes == ["42 units, more than cluster.max_units = 41: not clustered (every unit gets cluster -1; "
+                     "the 42 x 42 correlation alone would take 0.0 GB); raise cluster.max_units to cluster it"]
+    cfg.cluster.max_units = 42
+    units, summary, _, notes = cluster_layer(chunked(x), len(x), labels, cfg, n_units=x.shape[1])
+    assert len(summary) >= 2 and units.cluster.max() >= 1 and not notes
 
 
 def test_weights_act_like_repeated_rows():

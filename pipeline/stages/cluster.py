@@ -17,12 +17,18 @@ def _params(cfg):
     return {"cluster": cfg.cluster.model_dump(mode="json"), "seed": cfg.seed}
 
 
-def cluster_layer(chunks, n_images, image_labels, cfg):
-    """Cluster one layer's units; returns (per-unit table, per-cluster table, clusterer, notes)."""
+def cluster_layer(chunks, n_images, image_labels, cfg, *, n_units=None):
+    """Cluster one layer's units; returns (per-unit table, per-cluster table, clusterer, notes).
+
+    A layer of more than ``cluster.max_units`` units (``n_units``) is not clustered: see
+    :func:`unclustered_layer`.
+    """
     from pipeline.neurons import (NeuronClusterer, bootstrap_stability, cluster_summary,
                                   correlation_streaming, dead_units, unit_summary)
 
     c = cfg.cluster
+    if n_units is not None and n_units > c.max_units:
+        return unclustered_layer(chunks, n_units, image_labels, cfg)
     corr, stats = correlation_streaming(chunks)
     dead = dead_units(stats)
     clusterer = NeuronClusterer(method=c.method, n_clusters=c.n_clusters, random_state=cfg.seed)
@@ -43,8 +49,37 @@ def cluster_layer(chunks, n_images, image_labels, cfg):
     return units, summary, clusterer, notes
 
 
+def unclustered_layer(chunks, n_units, image_labels, cfg):
+    """The tables of a layer too wide to cluster: every unit gets cluster -1, no cluster rows.
+
+    Clustering needs the ``C x C`` float64 correlation (and one per bootstrap resample): 8192
+    units are 0.5 GB, MobileNetV2's widest layers several. Rather than allocate that (or crash),
+    the per-unit figures (dead, mean, std, max, top images, selectivity) are computed in ``O(C)``
+    memory and a note says which key to raise. CKA between layers still covers the layer.
+    """
+    from pipeline.neurons import cluster_summary, dead_units, unit_moments, unit_summary
+
+    c = cfg.cluster
+    stats = unit_moments(chunks)
+    labels = np.full(n_units, -1, dtype=np.int64)
+    units = unit_summary(chunks, image_labels, top_k=c.top_k)
+    units.insert(1, "cluster", labels)
+    units.insert(2, "dead", dead_units(stats))
+    units["stability"] = np.nan
+    summary = cluster_summary(chunks, np.zeros((0, 0)), labels, stats, image_labels=image_labels,
+                              top_k=c.top_k)
+    summary["stability"] = np.nan
+    note = (f"{n_units} units, more than cluster.max_units = {c.max_units}: not clustered (every unit "
+            f"gets cluster -1; the {n_units} x {n_units} correlation alone would take "
+            f"{8 * n_units**2 / 2**30:.1f} GB); raise cluster.max_units to cluster it")
+    return units, summary, None, [note]
+
+
 def run(ctx):
-    from pipeline.layerstats import cka_matrix, layer_figures, layer_table
+    from functools import partial
+
+    from pipeline.layerstats import layer_figures, layer_table, minibatch_cka
+    from pipeline.progress import progress
 
     cfg, store = ctx.cfg, ctx.store
     blocks = _row_blocks(ctx)
@@ -56,7 +91,8 @@ def run(ctx):
     unit_tables, cluster_tables, figures = [], [], {}
     for layer in names:
         arr = layer_array(root, infos[layer], cfg.cluster.reduction)
-        units, summary, clusterer, notes = cluster_layer(blocks(arr), n, image_labels, cfg)
+        units, summary, clusterer, notes = cluster_layer(blocks(arr), n, image_labels, cfg,
+                                                         n_units=int(arr.shape[1]))
         for note in notes:
             ctx.log(f"cluster: {layer}: {note}")
         if units["dead"].all():
@@ -76,7 +112,13 @@ def run(ctx):
                 f"{figures[layer]['n_clusters']} clusters, probe accuracy "
                 f"{figures[layer]['probe_accuracy']:.3f}")
     arrays = [layer_array(root, infos[l], cfg.cluster.reduction) for l in names]
-    cka = cka_matrix(blocks(arrays)) if len(names) > 1 and n > 3 else None
+    cka = None
+    if len(names) > 1 and n > 3:
+        # Here on both engines: CKA reads a bounded, seeded row sample (cluster.cka_rows) one layer
+        # at a time, so the Dask engine gives the same matrix without merging partial results.
+        cka = minibatch_cka(arrays, batch_size=cfg.cluster.cka_batch, max_rows=cfg.cluster.cka_rows,
+                            random_state=cfg.seed,
+                            progress=partial(progress, desc="cluster CKA", unit="layer reads"))
     table = layer_table(figures, cka)
     for col in ("silhouette_k", "k_tried", "silhouette_curve"):
         table[col] = [figures[l][col] for l in table["layer"]]
