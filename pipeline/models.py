@@ -6,8 +6,12 @@ passes ``--trust-model``. SavedModel directories are handled by :mod:`pipeline.s
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import fnmatch
+import importlib
 import json
+import sys
 import zipfile
 from pathlib import Path
 
@@ -150,15 +154,73 @@ def load_model(path, trust_model: bool = False):
     tensorflow()
     import keras
 
+    layer_names = contextlib.nullcontext()
     if trust_model:
         # Lambda layers in .keras files need unsafe deserialisation to be enabled globally.
         keras.config.enable_unsafe_deserialization()
+        _import_custom_modules(read_keras_config(path))
+        layer_names = _fresh_layer_names()
     try:
-        model = keras.models.load_model(path, compile=False, safe_mode=not trust_model)
+        with layer_names:
+            model = keras.models.load_model(path, compile=False, safe_mode=not trust_model)
     except Exception as exc:  # Keras raises many types here; all mean "this file cannot be used"
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = msg.split(" Full object config")[0]  # Keras appends the whole config to this line
         raise UserError(f"cannot load model {Path(path).name}: {msg}") from None
     return KerasModel(model, name=Path(path).stem)
+
+
+def _import_custom_modules(config) -> None:
+    """Import the modules a trusted model's custom classes come from, so their
+    ``@keras.saving.register_keras_serializable`` decorators run before Keras looks them up
+    (Keras itself imports only its own packages). ``__main__`` cannot be imported: such a class
+    must be moved to a module on ``PYTHONPATH``; Keras then reports it as not found."""
+    modules = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            module = node.get("module")
+            if isinstance(node.get("class_name"), str) and isinstance(module, str) and module:
+                modules.add(module)
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(config)
+    for module in sorted(modules):
+        if module.split(".")[0] in ("keras", "builtins", "numpy", "__main__") or module in sys.modules:
+            continue
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # the module's own code may fail in any way
+            raise UserError(f"cannot import module '{module}' that the model's custom objects come from "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                            "put it on PYTHONPATH") from None
+
+
+@contextlib.contextmanager
+def _fresh_layer_names():
+    """Load with Keras' automatic layer-name counters at zero, then put the old ones back.
+
+    A subclassed model is rebuilt by running its ``__init__``, so layers created without a
+    ``name`` get ``conv2d``, ``conv2d_1``… from a per-process counter: without this, their
+    addresses would depend on what the process loaded before (the extract and maximize stages of
+    one run would disagree). Private Keras state; when it is not where expected, nothing changes.
+    """
+    try:
+        from keras.src.backend.common import global_state
+        get, put = global_state.get_global_attribute, global_state.set_global_attribute
+    except (ImportError, AttributeError):
+        yield
+        return
+    saved = get("object_name_uids")
+    put("object_name_uids", collections.defaultdict(int))
+    try:
+        yield
+    finally:
+        put("object_name_uids", saved)
 
 
 class KerasModel:
@@ -167,7 +229,9 @@ class KerasModel:
     Parameters
     ----------
     model : keras.Model
-        A built functional or Sequential model (subclassed models expose only their output).
+        A built functional, Sequential or subclassed model. A subclassed model (its own
+        ``call``) is tapped through its tracked sub-layers while ``call`` runs
+        (:mod:`pipeline.subclassed`); its input shape comes from its build config.
     name : str
         Shown in reports.
     """
@@ -175,6 +239,14 @@ class KerasModel:
     def __init__(self, model, name="model"):
         self.model = model
         self.name = name
+        self._taps = None
+        if _functional(model) is None:
+            from pipeline.subclassed import CallTaps
+
+            self._taps = CallTaps(model, name)
+            self.input_shape, self.layers = self._taps.input_shape, self._taps.layers
+            self._by_name = self._taps.sublayers
+            return
         if len(model.inputs) != 1:
             raise UserError(f"model {name} has {len(model.inputs)} inputs: only single-image-input models are supported")
         shape = tuple(model.inputs[0].shape[1:])
@@ -193,6 +265,8 @@ class KerasModel:
         unknown = [n for n in layer_names if n not in self._by_name]
         if unknown:
             raise UserError(f"unknown layer '{unknown[0]}' (see `python -m pipeline layers MODEL`)")
+        if self._taps is not None:
+            return self._taps.build_extractor(layer_names)
         wanted = set(layer_names)
         out_layer = _output_layer(self.model)
         model = self.model
