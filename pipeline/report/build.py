@@ -57,6 +57,7 @@ def build_report(run_dir, out_dir, *, title=None, options=None, log=None) -> Rep
     ReportResult(index=PosixPath('reports/demo/index.html'), ...)
     """
     from pipeline.config import ReportConfig
+    from pipeline.progress import progress
     from pipeline.report.assets import Assets
     from pipeline.report.data import load_report_data
     from pipeline.report.pages import Site, class_pages, index_page, layer_pages
@@ -80,7 +81,7 @@ def build_report(run_dir, out_dir, *, title=None, options=None, log=None) -> Rep
         pages += class_pages(site)
         env = _environment()
         common = _common(site, assets)
-        for name, template, ctx in pages:
+        for name, template, ctx in progress(pages, desc="report", unit="pages"):
             html = env.get_template(template).render(**{**common, **ctx}, page_file=name)
             (root / name).write_text(html, encoding="utf-8")
         images = assets.flush()

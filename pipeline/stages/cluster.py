@@ -89,7 +89,9 @@ def run(ctx):
     image_labels = labels if (labels >= 0).any() else None
     n = len(dataset)
     unit_tables, cluster_tables, figures = [], [], {}
-    for layer in names:
+    bar = progress(names, desc="cluster", unit="layers")
+    for layer in bar:
+        bar.set_postfix_str(layer)
         arr = layer_array(root, infos[layer], cfg.cluster.reduction)
         units, summary, clusterer, notes = cluster_layer(blocks(arr), n, image_labels, cfg,
                                                          n_units=int(arr.shape[1]))

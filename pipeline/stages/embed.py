@@ -39,8 +39,11 @@ def _quality(features, xy, labels, cfg, of, method, layer):
             "knn_accuracy": E.knn_accuracy(xy, labels, random_state=cfg.seed) if labels is not None else np.nan}
 
 
-def embed_layer(acts, layer, labels, cfg):
-    """All configured embeddings of one layer: (image rows, neuron rows, quality rows)."""
+def embed_layer(acts, layer, labels, cfg, advance=None):
+    """All configured embeddings of one layer: (image rows, neuron rows, quality rows).
+
+    ``advance(1)`` (optional) is called after each map.
+    """
     from pipeline import embedding as E
 
     e = cfg.embed
@@ -53,6 +56,8 @@ def embed_layer(acts, layer, labels, cfg):
             xy = _embed_one(feats, method, cfg)
             images.append(E.image_embedding_table(layer, method, xy))
             quality.append(_quality(feats, xy, labels, cfg, "images", method, layer))
+            if advance is not None:
+                advance(1)
     if "neurons" in e.of:
         profiles, keep = E.neuron_features(acts, random_state=cfg.seed)
         channels = np.flatnonzero(keep)
@@ -64,11 +69,14 @@ def embed_layer(acts, layer, labels, cfg):
                 xy = _embed_one(feats, method, cfg)
                 neurons.append(E.neuron_embedding_table(layer, method, xy, channels))
                 quality.append(_quality(feats, xy, None, cfg, "neurons", method, layer))
+                if advance is not None:
+                    advance(1)
     return images, neurons, quality
 
 
 def run(ctx):
     from pipeline import embedding as E
+    from pipeline.progress import progress
 
     cfg, store = ctx.cfg, ctx.store
     root, names, infos = open_activations(store)
@@ -79,10 +87,14 @@ def run(ctx):
         took = E.warm_up_umap(approximate=min(n_images, cfg.embed.max_fit) >= E.UMAP_EXACT_BELOW)
         ctx.log(f"embed: UMAP start-up (numba compilation, once per process) took {took:.1f} s")
     images, neurons, quality = [], [], []
+    per_layer = len(cfg.embed.methods) * (("images" in cfg.embed.of) + ("neurons" in cfg.embed.of))
+    bar = progress(total=len(names) * per_layer, unit="maps", desc="embed")
     for layer in names:
+        bar.set_postfix_str(layer)
         # Pooled activations (N, C) fit in memory; the per-image maps never are loaded here.
         acts = np.asarray(layer_array(root, infos[layer], "mean")[:], dtype=np.float32)
-        im, ne, q = embed_layer(acts, layer, labels, cfg)
+        im, ne, q = embed_layer(acts, layer, labels, cfg, advance=bar.update)
+        bar.update(per_layer - len(q))  # maps not made (constant units): counted as done
         if not im and not ne:
             ctx.log(f"embed: {layer}: every unit is constant or NaN; nothing to embed, skipped")
         images += im
@@ -95,6 +107,7 @@ def run(ctx):
         if len(acts) < E.MIN_POINTS:
             ctx.log(f"embed: only {len(acts)} images: t-SNE/UMAP need at least {E.MIN_POINTS}; "
                     "stored a PCA layout instead (marked fallback)")
+    bar.close()
     store.write_table("embeddings/images.parquet", _concat(images, ["layer", "method", "index", "x", "y"]))
     store.write_table("embeddings/neurons.parquet", _concat(neurons, ["layer", "method", "channel", "x", "y"]))
     store.write_table("embeddings/quality.parquet", pd.DataFrame(quality))

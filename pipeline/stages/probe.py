@@ -136,12 +136,11 @@ def _class_tables(ctx, dataset, rows, labels, logits, probed, groups, skipped):
 
 def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes):
     """Logits ``(n, K)`` on the originals, ``{probe: (n, K)}``, unit sensitivities and examples."""
-    from tqdm import tqdm
-
     from pipeline.bias import UnitSensitivity
     from pipeline.config import parse_scale
     from pipeline.dataset import pixel_loader
     from pipeline.forward import make_forward
+    from pipeline.progress import progress
 
     cfg = ctx.cfg
     forward = make_forward(model.build_extractor(names), kinds, ["mean"], parse_scale(cfg.data.scale))
@@ -152,7 +151,7 @@ def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes
     examples = _example_rows(dataset["label"].to_numpy()[rows], cfg.probe.examples)
     shown = {"original": []} | {p.name: [] for p in probes}
     bs = cfg.extract.batch_size
-    bar = tqdm(total=len(rows), unit="img", desc="probe", disable=None, dynamic_ncols=True)
+    bar = progress(total=len(rows), unit="img", desc="probe")
     for start in range(0, len(rows), bs):
         batch = rows[start:start + bs]
         pixels = load(batch)
