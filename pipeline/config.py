@@ -110,7 +110,7 @@ class ProbeConfig(_Section):
                          "centre_mask", "background_mask"]] = [
         "grayscale", "hue_rotation", "channel_shuffle", "patch_shuffle", "blur", "centre_mask",
         "background_mask"]
-    max_images: Optional[int] = Field(default=2000, ge=1)   # seeded class-stratified sample
+    max_images: Optional[int] = Field(default=1000, ge=1)   # seeded class-stratified sample (8 forward passes each)
     bootstrap: int = Field(default=1000, ge=100)              # resamples for the confidence intervals
     confidence: float = Field(default=0.95, gt=0.5, lt=1)     # interval level (percentile bootstrap)
     patch_grid: int = Field(default=4, ge=2)                  # patch_shuffle: grid x grid patches

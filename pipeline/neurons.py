@@ -378,9 +378,10 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
         distance = _distance(corr)
         if self.method == "hdbscan":
             return self._hdbscan(distance), {}, ""
-        cut = self._cutter(corr, distance, rng)
+        ks = list(_k_candidates(self.k_range, n)) if self.n_clusters == "auto" else [min(int(self.n_clusters), n)]
+        cut = self._cutter(corr, distance, rng, ks)
         if self.n_clusters == "auto":
-            candidates = {k: cut(k) for k in _k_candidates(self.k_range, n)}
+            candidates = {k: cut(k) for k in ks}
             curve = {k: _silhouette(distance, labels) for k, labels in candidates.items()}
             best = max(curve, key=lambda k: (np.nan_to_num(curve[k], nan=-np.inf), -k))
             return candidates[best], curve, ""
@@ -388,8 +389,8 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
         note = f"n_clusters={self.n_clusters} > {n} live units: clipped to {n}" if k < self.n_clusters else ""
         return cut(k), {}, note
 
-    def _cutter(self, corr, distance, rng):
-        """A function ``k -> labels`` for the chosen method (the tree is built only once)."""
+    def _cutter(self, corr, distance, rng, ks):
+        """A function ``k -> labels`` for ``k`` in ``ks`` (the tree is built and cut only once)."""
         if self.method == "kmeans":
             seed = int(rng.integers(2**31 - 1))
             return lambda k: _kmeans(corr, k, seed)
@@ -397,7 +398,10 @@ class NeuronClusterer(ClusterMixin, BaseEstimator):
         from scipy.spatial.distance import squareform
 
         tree = linkage(squareform(distance, checks=False), method="average")
-        return lambda k: cut_tree(tree, n_clusters=k).ravel()
+        # one walk of the tree gives every cut: scipy's cut_tree is pure Python and dominated the
+        # stage on wide layers when called once per k (and per bootstrap resample)
+        cuts = cut_tree(tree, n_clusters=ks)
+        return lambda k: cuts[:, ks.index(k)]
 
     def _hdbscan(self, distance):
         from sklearn.cluster import HDBSCAN

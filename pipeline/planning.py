@@ -24,9 +24,10 @@ import numpy as np
 EMBED_SECONDS_PER_POINT = 1.5e-3
 UMAP_COMPILE_SECONDS = 35.0
 ACTMAX_OVERHEAD = 1.3
+CLUSTER_FIT_SECONDS_PER_UNIT2 = 2.5e-7   # one linkage + silhouette curve, per squared live unit
 REPORT_SECONDS_PER_PAGE = 0.4
 DECODE_SECONDS_PER_MEGAPIXEL = 0.01
-EXPECTED_CLUSTERS = 8   # per layer, before the cluster stage has run (auto picks 2–12)
+EXPECTED_CLUSTERS = 4   # per layer, before the cluster stage has run (auto picks 2–12; few on random weights)
 
 
 @dataclass
@@ -275,7 +276,8 @@ def _cluster(cfg, n, names, units, warm, flops):
     m = min(n, getattr(c, "cka_rows", None) or n)
     b = getattr(c, "cka_batch", 256)
     cka = 2 * m * b * sum(live) + len(live) ** 2 * m * 2 * b * 2
-    seconds = (corr + probes + cka) / flops + 0.5 * len(names)
+    fits = (1 + (c.bootstrap or 0)) * sum(CLUSTER_FIT_SECONDS_PER_UNIT2 * u * u for u in live)
+    seconds = (corr + probes + cka) / flops + fits + 0.5 * len(names)
     widest = max(live, default=1)
     memory = 4e8 + 4 * 8 * widest**2 + len(live) * m * 2 * b * 4 + 4096 * widest * 4
     return StageEstimate("cluster", f"{len(names)} layers, up to {widest} units each, bootstrap {c.bootstrap}",
