@@ -157,7 +157,9 @@ def _run(cfg, args, only=None, from_stage=None):
 
     runner = Runner(cfg, all_stages(), debug=args.debug)
     if getattr(args, "show_plan", False):
-        _print_plan(cfg, runner, only, from_stage, args.force)
+        from pipeline.planning import print_plan
+
+        print_plan(cfg, runner, only, from_stage, args.force)
     try:
         runner.run(only=only, from_stage=from_stage, force=args.force)
     finally:
@@ -169,34 +171,6 @@ def _run(cfg, args, only=None, from_stage=None):
     return runner
 
 
-def _print_plan(cfg, runner, only, from_stage, force, budget=None):
-    """The plan of the stages about to run, on stderr; an estimate that fails never stops the run."""
-    from pipeline.planning import plan_run
-
-    stages = [s.name for s in runner.plan(only, from_stage, force)]
-    if not stages:
-        return
-    if budget is not None:
-        cfg.budget_minutes = budget
-    clusters = _known_clusters(runner)
-    try:
-        lines = plan_run(cfg, stages, clusters).lines()
-    except UserError:
-        raise
-    except Exception as exc:  # the estimate is advice: a model it cannot time still runs
-        lines = [f"plan: no estimate ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"]
-    for line in lines:
-        print(line, file=sys.stderr, flush=True)
-
-
-def _known_clusters(runner):
-    """Clusters per layer from a finished cluster stage (the maximize estimate uses them)."""
-    if not runner.store.exists("cluster_summary.parquet"):
-        return None
-    table = runner.store.read_table("cluster_summary.parquet")
-    return table.groupby("layer").size().to_dict() if "layer" in table else None
-
-
 def cmd_plan(args):
     from pipeline.runner import Runner
     from pipeline.stages import all_stages
@@ -206,9 +180,9 @@ def cmd_plan(args):
     stages = [s.name for s in runner.plan()] or [s.name for s in runner.stages]
     if args.budget is not None:
         cfg.budget_minutes = args.budget
-    from pipeline.planning import plan_run
+    from pipeline.planning import known_clusters, plan_run
 
-    for line in plan_run(cfg, stages, _known_clusters(runner)).lines():
+    for line in plan_run(cfg, stages, known_clusters(runner.store)).lines():
         print(line)
 
 

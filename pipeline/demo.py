@@ -40,6 +40,9 @@ def run_demo(out=None, force=False, debug=False, data_dir="data/demo"):
     assets = ensure_demo_assets(Path(data_dir), log=log)
     cfg = demo_config(assets, out)
     runner = Runner(cfg, all_stages(), debug=debug)
+    from pipeline.planning import print_plan
+
+    print_plan(cfg, runner, force=force)
     runner.run(force=force)
     print(f"run directory: {cfg.out_dir}")
     report = cfg.report_dir / "index.html"

@@ -67,7 +67,6 @@ def unsafe_parts(config, known_classes=None) -> list[str]:
     known_classes : set of str, optional
         Class names Keras provides; needed for legacy ``.h5`` configs, which carry no module.
     """
-    found = []
 
     def describe(node):
         cls = node["class_name"]
@@ -84,20 +83,20 @@ def unsafe_parts(config, known_classes=None) -> list[str]:
             return f"custom object '{cls}'"
         return None
 
-    def walk(node):
-        if isinstance(node, dict):
-            if isinstance(node.get("class_name"), str):
-                what = describe(node)
-                if what:
-                    found.append(what)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(config)
+    found = [what for node in class_nodes(config) if (what := describe(node))]
     return sorted(set(found))
+
+
+def class_nodes(node):
+    """Every serialised object of a Keras config (a dict with a ``class_name``), depth first."""
+    if isinstance(node, dict):
+        if isinstance(node.get("class_name"), str):
+            yield node
+        for v in node.values():
+            yield from class_nodes(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from class_nodes(v)
 
 
 def _keras_class_names() -> set:
@@ -175,20 +174,8 @@ def _import_custom_modules(config) -> None:
     ``@keras.saving.register_keras_serializable`` decorators run before Keras looks them up
     (Keras itself imports only its own packages). ``__main__`` cannot be imported: such a class
     must be moved to a module on ``PYTHONPATH``; Keras then reports it as not found."""
-    modules = set()
-
-    def walk(node):
-        if isinstance(node, dict):
-            module = node.get("module")
-            if isinstance(node.get("class_name"), str) and isinstance(module, str) and module:
-                modules.add(module)
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    walk(config)
+    modules = {node["module"] for node in class_nodes(config)
+               if isinstance(node.get("module"), str) and node["module"]}
     for module in sorted(modules):
         if module.split(".")[0] in ("keras", "builtins", "numpy", "__main__") or module in sys.modules:
             continue

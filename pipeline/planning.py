@@ -17,16 +17,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-#: Calibration on the 2-core reference machine (see the README's real-model table): seconds
-#: per embedded point and method (t-SNE/UMAP optimisation), UMAP's one-off numba compilation,
-#: the act-max step's overhead over a bare forward+backward (parameterisation, transforms,
-#: Adam), seconds per report page, and the pixel-decoding cost per megapixel.
-EMBED_SECONDS_PER_POINT = 1.5e-3
+#: Calibration on the 2-core reference machine, fitted to the default runs of MobileNetV2 (160 px)
+#: and ResNet50 (224 px) on 2000 images (tests/benchmarks/bench_real_models.py): seconds per
+#: embedded point and method (t-SNE/UMAP), UMAP's one-off numba compilation, the act-max step's
+#: overhead over a bare forward+backward (parameterisation, transforms, Adam), seconds per report
+#: page, the pixel-decoding cost per megapixel, and the cluster stage's per-layer costs.
+EMBED_SECONDS_PER_POINT = 3.2e-3
 UMAP_COMPILE_SECONDS = 35.0
 ACTMAX_OVERHEAD = 1.3
 CLUSTER_FIT_SECONDS_PER_UNIT2 = 2.5e-7   # one linkage + silhouette curve, per squared live unit
-REPORT_SECONDS_PER_PAGE = 0.4
+CLUSTER_SECONDS_PER_IMAGE_LAYER = 3.5e-3  # per layer and image: moments, resamples, summaries, probes
+REPORT_SECONDS_PER_PAGE = 0.2
 DECODE_SECONDS_PER_MEGAPIXEL = 0.01
+#: Measured peak resident size over the estimate built from the warm-up (1.65 on MobileNetV2,
+#: 1.77 on ResNet50: t-SNE/UMAP, the act-max loop's saved activations and Adam state).
+MEMORY_FACTOR = 1.7
 EXPECTED_CLUSTERS = 4   # per layer, before the cluster stage has run (auto picks 2–12; few on random weights)
 
 
@@ -234,10 +239,16 @@ def make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clust
         "report": lambda: _report(cfg, n_images, names, units, warm),
     }
     total_units = sum(units.values())
+    from pipeline.autolayers import summary_line
+
     header = [f"plan: {n_images} images, {len(names)} layers ({total_units:,} units), "
               f"warm-up on {warm.device}: forward {warm.forward * 1e3:.1f} ms/image, "
-              f"act-max step {warm.actmax_step * 1e3:.1f} ms/image"]
-    return Plan(header, [est[s]() for s in stages if s in est], cfg.budget_minutes)
+              f"act-max step {warm.actmax_step * 1e3:.1f} ms/image",
+              f"  layers: {summary_line(model.layers, choice, cfg.layers)}"]
+    estimates = [est[s]() for s in stages if s in est]
+    for e in estimates:
+        e.memory *= MEMORY_FACTOR
+    return Plan(header, estimates, cfg.budget_minutes)
 
 
 def _extract(cfg, warm, n, names, units, size):
@@ -277,7 +288,7 @@ def _cluster(cfg, n, names, units, warm, flops):
     b = getattr(c, "cka_batch", 256)
     cka = 2 * m * b * sum(live) + len(live) ** 2 * m * 2 * b * 2
     fits = (1 + (c.bootstrap or 0)) * sum(CLUSTER_FIT_SECONDS_PER_UNIT2 * u * u for u in live)
-    seconds = (corr + probes + cka) / flops + fits + 0.5 * len(names)
+    seconds = (corr + probes + cka) / flops + fits + CLUSTER_SECONDS_PER_IMAGE_LAYER * n * len(names)
     widest = max(live, default=1)
     memory = 4e8 + 4 * 8 * widest**2 + len(live) * m * 2 * b * 4 + 4096 * widest * 4
     return StageEstimate("cluster", f"{len(names)} layers, up to {widest} units each, bootstrap {c.bootstrap}",
@@ -329,7 +340,7 @@ def _maximize(cfg, names, maps, units, n_classes, warm, clusters_per_layer):
 def _report(cfg, n, names, units, warm):
     r = cfg.report
     pages = 3 + sum(2 + math.ceil(u / r.units_per_page) for u in units.values())
-    seconds = pages * REPORT_SECONDS_PER_PAGE + n * 2e-3 * len(names)
+    seconds = pages * REPORT_SECONDS_PER_PAGE + n * 5e-4 * len(names)
     return StageEstimate("report", f"about {pages} pages", seconds, 5e8 + n * 48 * 48 * 3,
                          ["report.explorer: false"])
 
@@ -352,3 +363,36 @@ def plan_run(cfg, stages, clusters_per_layer=None) -> Plan:
             n_classes = 0
     warm = warm_up(model, names, layer_kinds(model, names), size, channels, cfg)
     return make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clusters_per_layer)
+
+
+def known_clusters(store):
+    """Clusters per layer of a finished cluster stage (the maximize estimate uses them), or None."""
+    if not store.exists("cluster_summary.parquet"):
+        return None
+    table = store.read_table("cluster_summary.parquet")
+    return table.groupby("layer").size().to_dict() if "layer" in table else None
+
+
+def print_plan(cfg, runner, only=None, from_stage=None, force=False):
+    """Print the plan of the stages ``runner`` is about to run on stderr.
+
+    The estimate is advice: a model it cannot time (an unusual SavedModel, an op without a
+    gradient) still runs, with a one-line note instead of the table. User errors (a missing
+    model or folder) are raised as they would be by the run itself.
+    """
+    import sys
+
+    from pipeline.errors import UserError
+
+    stages = [s.name for s in runner.plan(only, from_stage, force)]
+    if not stages:
+        return
+    try:
+        lines = plan_run(cfg, stages, known_clusters(runner.store)).lines()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (see docstring)
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        lines = [f"plan: no estimate ({type(exc).__name__}: {first})"]
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)

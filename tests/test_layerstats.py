@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
+from zoo import peak_bytes
+
 from pipeline.layerstats import (
     LAYER_COLUMNS,
     MinibatchCKA,
@@ -58,13 +60,6 @@ def hsic_biased(x, y):
     return np.linalg.norm(x.T @ y) ** 2
 
 
-def peak_bytes(fn):
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def cka_full_batch(layers, hsic):

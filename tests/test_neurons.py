@@ -1,10 +1,9 @@
 """Neurons of one layer (pipeline/neurons.py): moments, dead units, clusters, stability, summaries."""
-
-import tracemalloc
-
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
+
+from zoo import peak_bytes
 
 from pipeline.neurons import (
     NeuronClusterer,
@@ -41,13 +40,6 @@ def generated(n_chunks, size=256, units=64):
     return lambda: (np.random.default_rng([7, i]).normal(size=(size, units)) for i in range(n_chunks))
 
 
-def peak_bytes(fn):
-    tracemalloc.start()
-    try:
-        fn()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # --------------------------------------------------------------------------- moments

@@ -76,3 +76,30 @@ def test_image_count_honours_limit_without_decoding(tmp_path):
     assert classes >= 2 and n == 4 * classes + 1
     Data.limit = 5
     assert count_images(Data)[0] == 5
+
+
+def test_a_budget_sizes_batches_so_the_last_one_fits_and_then_stops():
+    import time
+
+    from pipeline.stages.maximize import Budget, _batches
+
+    budget = Budget(100.0, first=4)
+    batches = _batches(list(range(50)), 16, budget)
+    first, size = next(batches)
+    assert first == [0, 1, 2, 3] and size == 4, "nothing measured yet: a small first batch"
+    budget.record(4, 20.0)                       # 5 s per image
+    budget.deadline = time.monotonic() + 42.0    # 42 s left: 8 images fit
+    assert len(next(batches)[0]) == 8
+    budget.deadline = time.monotonic() + 3.0     # less than one image
+    assert next(batches) == ([], 0)
+    no_budget = list(_batches(list(range(50)), 16, Budget(None)))
+    assert [len(b) for b, _ in no_budget] == [13, 13, 13, 11] and {s for _, s in no_budget} == {13}
+
+
+def test_layers_render_in_an_order_spread_over_depth():
+    from pipeline.stages.maximize import spread_indices
+
+    order = spread_indices(16)
+    assert sorted(order) == list(range(16))
+    assert order[:3] == [15, 0, 8], "deepest, first, middle"
+    assert max(order[:5]) - min(order[:5]) == 15 and len({i // 4 for i in order[:5]}) == 4, "quarters next"

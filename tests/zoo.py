@@ -108,3 +108,15 @@ def image_folder(root, classes=("a", "b", "c"), per_class=4, size=20, seed=0):
             Image.fromarray(arr).save(p)
             paths.append(p)
     return paths
+
+
+def peak_bytes(fn):
+    """Peak Python-heap allocation while ``fn()`` runs (tracemalloc; numpy arrays are counted)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

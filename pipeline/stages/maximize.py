@@ -240,7 +240,6 @@ def _renderer(ctx, model, group):
 
 
 def _render_all(ctx, groups, todo, done, params_hash):
-    from pipeline.maximize import plan
     from pipeline.models import load_model
     from pipeline.progress import progress
 
@@ -249,19 +248,20 @@ def _render_all(ctx, groups, todo, done, params_hash):
     if total == 0:
         return 0, 0
     model = load_model(ctx.cfg.model, ctx.cfg.trust_model)
-    deadline = time.monotonic() + mx.max_seconds if mx.max_seconds else None
+    budget = Budget(mx.max_seconds)
     bar = progress(total=total, unit="img", desc="maximize")
     rendered = 0
     for g in render_order(groups):
         if not todo[g.name]:
             continue
         renderer = _renderer(ctx, model, g)
-        batches = plan.batches(todo[g.name], mx.batch_size)
-        for batch in batches:
-            if deadline is not None and time.monotonic() > deadline:
+        for batch, size in _batches(todo[g.name], mx.batch_size, budget):
+            if not batch:
                 bar.close()
                 return rendered, total - rendered
-            rows = _render_batch(ctx, renderer, batch, params_hash, size=len(batches[0]))
+            t0 = time.monotonic()
+            rows = _render_batch(ctx, renderer, batch, params_hash, size=size)
+            budget.record(size, time.monotonic() - t0)
             done[g.name] = pd.concat([done[g.name], rows], ignore_index=True).drop_duplicates("key", keep="last")
             ctx.store.write_table(g.part, done[g.name])
             rendered += len(batch)
@@ -270,13 +270,66 @@ def _render_all(ctx, groups, todo, done, params_hash):
     return rendered, 0
 
 
+class Budget:
+    """``maximize.max_seconds`` as a running check: how many images the next batch may hold.
+
+    A compiled batch cannot be stopped halfway, so the budget is kept by sizing batches: the time
+    per image of the last batch (compilation included, so it errs on the long side) says how many
+    images fit in what is left. Before anything is measured a batch holds at most ``first``
+    images, so even the first batch of a large model overruns the budget by little.
+    """
+
+    def __init__(self, seconds, first=4):
+        self.deadline = None if not seconds else time.monotonic() + seconds
+        self.first = first
+        self.per_image = None
+
+    def room(self, wanted):
+        """Images (at most ``wanted``) that fit before the deadline; 0 when none does."""
+        if self.deadline is None:
+            return wanted
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            return 0
+        if self.per_image is None:
+            return min(wanted, self.first)
+        return min(wanted, int(left // self.per_image))
+
+    def record(self, images, seconds):
+        self.per_image = seconds / max(images, 1)
+
+
+def _batches(targets, batch_size, budget):
+    """``(batch, padded size)`` pairs; an empty batch means the budget ran out.
+
+    Without a budget: equal batches (``plan.batches``), all padded to the first one's size so one
+    compiled graph serves them. With one: each batch as large as the time left allows.
+    """
+    from pipeline.maximize import plan
+
+    if budget.deadline is None:
+        batches = plan.batches(targets, batch_size)
+        yield from ((b, len(batches[0])) for b in batches)
+        return
+    queue = list(targets)
+    while queue:
+        n = budget.room(min(len(queue), batch_size))
+        if n == 0:
+            yield [], 0
+            return
+        batch, queue = queue[:n], queue[n:]
+        yield batch, len(batch)
+
+
 def render_order(groups):
     """Classes first, then the layers spread over depth (deepest, first, middle, quarters …).
 
     Under a time budget the images that are rendered then cover the whole network instead of
     its first layers only.
     """
-    classes = [g for g in groups if g.name == "logits" and g.objective_layer == "logits"]
+    from pipeline.maximize.objectives import LOGITS
+
+    classes = [g for g in groups if g.objective_layer == LOGITS]
     layers = [g for g in groups if g not in classes]
     return classes + [layers[i] for i in spread_indices(len(layers))]
 
