@@ -118,7 +118,7 @@ def _config_from(args):
                 raw[key] = getattr(args, key)
         if args.layers:
             raw["layers"] = args.layers
-        if args.limit:
+        if args.limit is not None:  # --limit 0 is an error, not "all"
             raw["data"]["limit"] = args.limit
         cfg = make_config(raw)
     if getattr(args, "trust_model", False):

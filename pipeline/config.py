@@ -8,7 +8,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -33,7 +33,7 @@ class DataConfig(_Section):
 
 
 class ExtractConfig(_Section):
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, le=8192)   # bounded: the last batch is padded to it
     reduce: list[Literal["mean", "max"]] = ["mean", "max"]
     spatial_samples: int = Field(default=0, ge=0)
     dtype: Literal["float32", "float16"] = "float32"
@@ -52,7 +52,7 @@ class EmbedConfig(_Section):
 
 class ClusterConfig(_Section):
     method: Literal["agglomerative", "kmeans", "hdbscan"] = "agglomerative"
-    n_clusters: Union[Literal["auto"], int] = "auto"
+    n_clusters: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
     metric: Literal["correlation"] = "correlation"
     bootstrap: int = Field(default=20, ge=0)
     top_k: int = Field(default=9, ge=1)
@@ -124,7 +124,7 @@ class ProbeConfig(_Section):
 class Config(_Section):
     name: str = "run"
     out: Optional[str] = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)   # numpy seeds are unsigned 32-bit
     model: str
     trust_model: bool = False
     data: DataConfig

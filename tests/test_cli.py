@@ -209,3 +209,21 @@ def test_all_files_bad_is_a_clear_error(tmp_path, setup):
 def test_help_on_every_command():
     for command in ("demo", "run", "extract", "status", "layers"):
         assert run_cli(command, "--help").returncode == 0
+
+
+@pytest.mark.parametrize("flag, value, key", [("--limit", "0", "data.limit"), ("--seed", "-1", "seed")])
+def test_out_of_range_flags_are_one_line_errors_before_any_work(tmp_path, setup, capsys, flag, value, key):
+    root, model = setup
+    assert main(["run", "--model", str(model), "--images", str(root / "images"), "--out", str(tmp_path / "r"),
+                 flag, value]) == 2
+    assert f"config key '{key}'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("section, values", [("cluster", {"n_clusters": 0}), ("extract", {"batch_size": 10**9})])
+def test_out_of_range_config_values_are_refused(tmp_path, setup, capsys, section, values):
+    root, model = setup
+    assert main(["run", str(config(tmp_path, model, root / "images", **{section: values}))]) == 2
+    key = next(iter(values))
+    assert f"config key '{section}.{key}'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
