@@ -151,15 +151,17 @@ def choose(model, spec):
     list of (str, str)
         ``(name, reason)`` in model order.
     """
+    from pipeline.errors import UserError
     from pipeline.kerasgraph import model_edges
-    from pipeline.models import select_layers
+    from pipeline.models import NO_LAYER, select_layers
 
-    edges = model_edges(model) if spec == "auto" else None
-    names = select_layers(model.layers, spec, edges)
     if spec == "auto":
-        return list(auto_layers(model.layers, edges))
+        picks = auto_layers(model.layers, model_edges(model))
+        if not picks:
+            raise UserError(NO_LAYER)
+        return picks
     why = "layers: all" if spec == "all" else "listed in layers"
-    return [(n, why) for n in names]
+    return [(n, why) for n in select_layers(model.layers, spec)]
 
 
 def summary_line(infos, choice, spec):

@@ -37,7 +37,7 @@ def _edges(model, prefix):
                 producer = tensor._keras_history.operation
                 if type(producer).__name__ == "InputLayer":
                     continue
-                yield _exit_name(producer, prefix), _entry_name(consumer, prefix)
+                yield _exit_name(producer, prefix), prefix + consumer.name
     for layer in graph.layers:
         if layer is not graph and _functional(layer) is not None:
             yield from _edges(layer, prefix + layer.name + "/")
@@ -57,7 +57,3 @@ def _exit_name(layer, prefix):
     if last is layer or last is inner:
         return prefix + layer.name
     return _exit_name(last, prefix + layer.name + "/")
-
-
-def _entry_name(layer, prefix):
-    return prefix + layer.name

@@ -20,6 +20,7 @@ from pipeline.errors import UnsafeModelError, UserError
 from pipeline.modelinfo import LayerInfo, analysable_shape
 
 _SOFTMAX_NAMES = {"softmax"}
+NO_LAYER = "no analysable layer found (run `python -m pipeline layers MODEL`)"
 
 
 def model_kind(path) -> str:
@@ -385,7 +386,7 @@ def select_layers(infos, spec, edges=None) -> list[str]:
         chosen = ([name for name, _ in auto_layers(infos, edges)] if spec == "auto"
                   else [i.name for i in infos if i.analysable])
         if not chosen:
-            raise UserError("no analysable layer found (run `python -m pipeline layers MODEL`)")
+            raise UserError(NO_LAYER)
         return chosen
     by_name = {i.name: i for i in infos}
     chosen = []

@@ -228,15 +228,13 @@ def make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clust
     shapes = {i.name: i.output_shape for i in model.layers}
     names = [n for n, _ in choice]
     units = {n: int(shapes[n][-1]) for n in names}
-    maps = [n for n in names if len(shapes[n]) == 3]
-    flops = matmul_flops()
     est = {
         "extract": lambda: _extract(cfg, warm, n_images, names, units, size),
-        "embed": lambda: _embed(cfg, n_images, names, units, warm),
-        "cluster": lambda: _cluster(cfg, n_images, names, units, warm, flops),
+        "embed": lambda: _embed(cfg, n_images, names, units),
+        "cluster": lambda: _cluster(cfg, n_images, names, units, matmul_flops()),
         "probe": lambda: _probe(cfg, n_images, warm),
-        "maximize": lambda: _maximize(cfg, names, maps, units, n_classes, warm, clusters_per_layer or {}),
-        "report": lambda: _report(cfg, n_images, names, units, warm),
+        "maximize": lambda: _maximize(cfg, names, units, n_classes, warm, clusters_per_layer or {}),
+        "report": lambda: _report(cfg, n_images, names, units),
     }
     total_units = sum(units.values())
     from pipeline.autolayers import summary_line
@@ -262,7 +260,7 @@ def _extract(cfg, warm, n, names, units, size):
                          ["data.limit: N (a seeded, class-stratified sample)", "layers: [fewer names]"])
 
 
-def _embed(cfg, n, names, units, warm):
+def _embed(cfg, n, names, units):
     e = cfg.embed
     maps, points = 0, 0.0
     for name in names:
@@ -278,16 +276,15 @@ def _embed(cfg, n, names, units, warm):
                          ["embed.methods: [tsne] (or [umap])", "embed.of: [images]"])
 
 
-def _cluster(cfg, n, names, units, warm, flops):
+def _cluster(cfg, n, names, units, flops):
     c = cfg.cluster
-    passes = 1 + (c.bootstrap or 0) + 2  # correlation, bootstrap resamples, unit and cluster summaries
-    live = [min(u, c.max_units) if hasattr(c, "max_units") else u for u in units.values()]
+    passes = 1 + c.bootstrap + 2  # correlation, bootstrap resamples, unit and cluster summaries
+    live = [min(u, c.max_units) for u in units.values()]
     corr = sum(passes * 2 * n * u * u for u in live)
     probes = sum(5 * 100 * 2 * min(n, 5000) * u * 10 for u in live)   # 5-fold logistic regression
-    m = min(n, getattr(c, "cka_rows", None) or n)
-    b = getattr(c, "cka_batch", 256)
+    m, b = min(n, c.cka_rows or n), c.cka_batch
     cka = 2 * m * b * sum(live) + len(live) ** 2 * m * 2 * b * 2
-    fits = (1 + (c.bootstrap or 0)) * sum(CLUSTER_FIT_SECONDS_PER_UNIT2 * u * u for u in live)
+    fits = (1 + c.bootstrap) * sum(CLUSTER_FIT_SECONDS_PER_UNIT2 * u * u for u in live)
     seconds = (corr + probes + cka) / flops + fits + CLUSTER_SECONDS_PER_IMAGE_LAYER * n * len(names)
     widest = max(live, default=1)
     memory = 4e8 + 4 * 8 * widest**2 + len(live) * m * 2 * b * 4 + 4096 * widest * 4
@@ -319,7 +316,7 @@ def maximize_images(cfg, names, units, n_classes, clusters_per_layer):
     return per_layer, (n_classes if mx.classes else 0)
 
 
-def _maximize(cfg, names, maps, units, n_classes, warm, clusters_per_layer):
+def _maximize(cfg, names, units, n_classes, warm, clusters_per_layer):
     mx = cfg.maximize
     per_layer, classes = maximize_images(cfg, names, units, n_classes, clusters_per_layer)
     images = sum(per_layer.values()) + classes
@@ -337,7 +334,7 @@ def _maximize(cfg, names, maps, units, n_classes, warm, clusters_per_layer):
                           "maximize.steps: 128"], note)
 
 
-def _report(cfg, n, names, units, warm):
+def _report(cfg, n, names, units):
     r = cfg.report
     pages = 3 + sum(2 + math.ceil(u / r.units_per_page) for u in units.values())
     seconds = pages * REPORT_SECONDS_PER_PAGE + n * 5e-4 * len(names)

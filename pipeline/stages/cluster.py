@@ -23,8 +23,7 @@ def cluster_layer(chunks, n_images, image_labels, cfg, *, n_units=None):
     A layer of more than ``cluster.max_units`` units (``n_units``) is not clustered: see
     :func:`unclustered_layer`.
     """
-    from pipeline.neurons import (NeuronClusterer, bootstrap_stability, cluster_summary,
-                                  correlation_streaming, dead_units, unit_summary)
+    from pipeline.neurons import NeuronClusterer, bootstrap_stability, correlation_streaming, dead_units
 
     c = cfg.cluster
     if n_units is not None and n_units > c.max_units:
@@ -33,12 +32,7 @@ def cluster_layer(chunks, n_images, image_labels, cfg, *, n_units=None):
     dead = dead_units(stats)
     clusterer = NeuronClusterer(method=c.method, n_clusters=c.n_clusters, random_state=cfg.seed)
     labels = clusterer.fit_predict(corr)
-    units = unit_summary(chunks, image_labels, top_k=c.top_k)
-    units.insert(1, "cluster", labels)
-    units.insert(2, "dead", dead)
-    units["stability"] = np.nan
-    summary = cluster_summary(chunks, corr, labels, stats, image_labels=image_labels, top_k=c.top_k)
-    summary["stability"] = np.nan
+    units, summary = _tables(chunks, corr, labels, dead, stats, image_labels, c.top_k)
     notes = [clusterer.note_] if getattr(clusterer, "note_", "") else []
     if c.bootstrap and (~dead).sum() >= 3 and n_images >= 3 and len(summary) > 1:
         stab = bootstrap_stability(chunks, clusterer, n_images, n_boot=c.bootstrap, random_state=cfg.seed)
@@ -53,26 +47,33 @@ def unclustered_layer(chunks, n_units, image_labels, cfg):
     """The tables of a layer too wide to cluster: every unit gets cluster -1, no cluster rows.
 
     Clustering needs the ``C x C`` float64 correlation (and one per bootstrap resample): 8192
-    units are 0.5 GB, MobileNetV2's widest layers several. Rather than allocate that (or crash),
+    units are 0.5 GB, 30,000 units 7 GB. Rather than allocate that (or crash),
     the per-unit figures (dead, mean, std, max, top images, selectivity) are computed in ``O(C)``
     memory and a note says which key to raise. CKA between layers still covers the layer.
     """
-    from pipeline.neurons import cluster_summary, dead_units, unit_moments, unit_summary
+    from pipeline.neurons import dead_units, unit_moments
 
     c = cfg.cluster
     stats = unit_moments(chunks)
-    labels = np.full(n_units, -1, dtype=np.int64)
-    units = unit_summary(chunks, image_labels, top_k=c.top_k)
-    units.insert(1, "cluster", labels)
-    units.insert(2, "dead", dead_units(stats))
-    units["stability"] = np.nan
-    summary = cluster_summary(chunks, np.zeros((0, 0)), labels, stats, image_labels=image_labels,
-                              top_k=c.top_k)
-    summary["stability"] = np.nan
+    units, summary = _tables(chunks, np.zeros((0, 0)), np.full(n_units, -1, dtype=np.int64),
+                             dead_units(stats), stats, image_labels, c.top_k)
     note = (f"{n_units} units, more than cluster.max_units = {c.max_units}: not clustered (every unit "
             f"gets cluster -1; the {n_units} x {n_units} correlation alone would take "
             f"{8 * n_units**2 / 2**30:.1f} GB); raise cluster.max_units to cluster it")
     return units, summary, None, [note]
+
+
+def _tables(chunks, corr, labels, dead, stats, image_labels, top_k):
+    """Per-unit and per-cluster tables of one layer, stability left NaN (the bootstrap fills it)."""
+    from pipeline.neurons import cluster_summary, unit_summary
+
+    units = unit_summary(chunks, image_labels, top_k=top_k)
+    units.insert(1, "cluster", labels)
+    units.insert(2, "dead", dead)
+    units["stability"] = np.nan
+    summary = cluster_summary(chunks, corr, labels, stats, image_labels=image_labels, top_k=top_k)
+    summary["stability"] = np.nan
+    return units, summary
 
 
 def run(ctx):
