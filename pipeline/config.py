@@ -52,7 +52,7 @@ class EmbedConfig(_Section):
 
 class ClusterConfig(_Section):
     method: Literal["agglomerative", "kmeans", "hdbscan"] = "agglomerative"
-    n_clusters: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
+    n_clusters: Union[Literal["auto"], Annotated[int, Field(ge=2)]] = "auto"
     metric: Literal["correlation"] = "correlation"
     bootstrap: int = Field(default=20, ge=0)
     top_k: int = Field(default=9, ge=1)

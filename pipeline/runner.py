@@ -97,9 +97,9 @@ def listing_hash(root) -> str:
             p = Path(dirpath) / fn
             try:
                 st = p.stat()
-                h.update(f"{p.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+                h.update(os.fsencode(p.relative_to(root)) + f"|{st.st_size}|{st.st_mtime_ns}\n".encode())
             except OSError:
-                h.update(f"{p.relative_to(root)}|unreadable\n".encode())
+                h.update(os.fsencode(p.relative_to(root)) + b"|unreadable\n")
     return h.hexdigest()[:16]
 
 

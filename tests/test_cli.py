@@ -220,7 +220,7 @@ def test_out_of_range_flags_are_one_line_errors_before_any_work(tmp_path, setup,
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("section, values", [("cluster", {"n_clusters": 0}), ("extract", {"batch_size": 10**9})])
+@pytest.mark.parametrize("section, values", [("cluster", {"n_clusters": 1}), ("extract", {"batch_size": 10**9})])
 def test_out_of_range_config_values_are_refused(tmp_path, setup, capsys, section, values):
     root, model = setup
     assert main(["run", str(config(tmp_path, model, root / "images", **{section: values}))]) == 2
