@@ -105,6 +105,9 @@ def _config_from(args):
                 raise UserError(f"{path} is not a run directory (no manifest.json)")
             raw = dict(manifest["config"])
             raw["out"] = str(path)
+            # Trust is given on this command line (or in the config file named on it), never
+            # inherited from a manifest: whoever wrote the folder is not the user running now.
+            raw.pop("trust_model", None)
             cfg = make_config(raw)
         else:
             cfg = load_config(path)
@@ -150,10 +153,12 @@ def _engine_flags(cfg, args):
 
 def _run(cfg, args, only=None, from_stage=None):
     from pipeline.models import check_safe
+    from pipeline.rundir import check_writable
     from pipeline.runner import Runner
     from pipeline.stages import all_stages
 
     check_safe(cfg.model, cfg.trust_model)  # refuse before anything is written or run
+    check_writable(cfg.out_dir)
 
     runner = Runner(cfg, all_stages(), debug=args.debug)
     if getattr(args, "show_plan", False):
@@ -208,6 +213,10 @@ def cmd_status(args):
     cfg = _config_from(args)
     if not cfg.out_dir.exists():
         raise UserError(f"run directory {cfg.out_dir} does not exist yet")
+    from pipeline.rundir import busy_message, locked
+
+    if locked(cfg.out_dir):
+        print(busy_message(cfg.out_dir).split(";")[0])
     for line in Runner(cfg, all_stages()).status_lines():
         print(line)
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
+EXPORT_MARKER = ".pipeline-export"  # marks a folder this command wrote, so a rerun may overwrite it
 SPRITE_MAX = 8192  # TensorBoard refuses sprite sheets larger than this many pixels a side
 
 
@@ -69,23 +70,40 @@ def export_projector(run_dir, layer, out=None, reduction="mean") -> Path:
     """Write TensorBoard Projector files for ``layer`` of a run; returns the folder.
 
     Open with ``tensorboard --logdir <folder>`` (Projector tab), or load ``tensors.tsv`` and
-    ``metadata.tsv`` at projector.tensorflow.org.
+    ``metadata.tsv`` at projector.tensorflow.org. A folder holding files this tool did not
+    write is refused; the run directory is locked while writing.
     """
-    import io
-
-    from PIL import Image
-
     from pipeline.run import Run
+    from pipeline.rundir import hold
 
     run = Run(run_dir)
     vectors = run.activations(layer, reduction)[:]
     thumbs = run.arrays["thumbnails"][:] if "thumbnails" in run.arrays else None
     folder = Path(out) if out else run.path / "projector" / slug(layer)
-    for name, content in projector_files(vectors, run.dataset, thumbs).items():
+    _check_export_folder(folder)
+    files = {**projector_files(vectors, run.dataset, thumbs), EXPORT_MARKER: b"written by python -m pipeline export\n"}
+    with hold(run.path):
+        _write_files(run, folder, files)
+    return folder
+
+
+def _check_export_folder(folder) -> None:
+    """Refuse a folder holding files this tool did not write (they would be overwritten)."""
+    if folder.exists() and (not folder.is_dir() or
+                            (any(folder.iterdir()) and not (folder / EXPORT_MARKER).exists())):
+        raise UserError(f"{folder} exists and was not written by `pipeline export`; choose another --out "
+                        "(an empty or new folder) — nothing was changed")
+
+
+def _write_files(run, folder, files) -> None:
+    import io
+
+    from PIL import Image
+
+    for name, content in files.items():
         if isinstance(content, np.ndarray):
             buf = io.BytesIO()
             Image.fromarray(content).save(buf, format="PNG")
             content = buf.getvalue()
         run.store.write_bytes(folder.relative_to(run.path) / name if folder.is_relative_to(run.path)
                               else folder.resolve() / name, content)
-    return folder

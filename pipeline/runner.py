@@ -18,9 +18,8 @@ from typing import Callable
 from pipeline import __version__
 from pipeline.config import Config, hash_json
 from pipeline.errors import UserError
+from pipeline.rundir import MANIFEST, hold
 from pipeline.store import RunStore
-
-MANIFEST = "manifest.json"
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,15 @@ class Runner:
         return planned
 
     def run(self, only=None, from_stage=None, force=False) -> list[tuple[str, str]]:
-        """Run what is needed; return ``(stage, outcome)`` pairs."""
+        """Run what is needed; return ``(stage, outcome)`` pairs.
+
+        Holds the run directory's lock throughout (:func:`pipeline.rundir.hold`): a second
+        writer is refused, and a folder the pipeline did not write is never written.
+        """
+        with hold(self.store.root):
+            return self._run_locked(only, from_stage, force)
+
+    def _run_locked(self, only, from_stage, force):
         planned = {s.name for s in self.plan(only, from_stage, force)}
         results = []
         for stage in self.stages:

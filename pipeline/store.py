@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import UserError
+
 PARTIAL = ".partial"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -81,15 +83,39 @@ class RunStore:
             tmp.write_bytes(data)
 
     # -- directories built in place, then published by rename (zarr stores, image folders) --
+    # A ``.partial`` folder is only reused or deleted when this tool made it: a hidden sibling
+    # file marks it (a file inside would be wiped by zarr's mode="w"). Inside a run directory,
+    # which is ours as a whole, older unmarked ones count as ours too.
+
+    def _partial_marker(self, name) -> Path:
+        target = self.path(name)
+        return target.with_name(f".{target.name}{PARTIAL}.pipeline")
+
+    def _own_partial(self, name) -> bool:
+        from pipeline.rundir import owned
+
+        return self._partial_marker(name).exists() or owned(self.root)
+
+    def _refuse_foreign_partial(self, name) -> None:
+        p = self.path(str(name) + PARTIAL)
+        if p.exists() and not self._own_partial(name):
+            raise UserError(f"{p} exists and was not made by this tool; move it away or choose another "
+                            "output folder — nothing was changed")
 
     def partial_dir(self, name) -> Path:
         """Where a directory output is built; it survives a crash so work can resume."""
+        self._refuse_foreign_partial(name)
         p = self.path(str(name) + PARTIAL)
-        p.mkdir(parents=True, exist_ok=True)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._partial_marker(name).touch()
+        p.mkdir(exist_ok=True)
         return p
 
     def discard_partial(self, name) -> None:
+        """Delete an unfinished build of ``name``; refuses one this tool did not make."""
+        self._refuse_foreign_partial(name)
         shutil.rmtree(self.path(str(name) + PARTIAL), ignore_errors=True)
+        self._partial_marker(name).unlink(missing_ok=True)
 
     def publish_dir(self, name) -> None:
         """Replace ``name`` by its finished ``.partial`` build."""
@@ -99,6 +125,7 @@ class RunStore:
             old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(target, old)
         os.replace(built, target)
+        self._partial_marker(name).unlink(missing_ok=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

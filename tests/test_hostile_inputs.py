@@ -1,0 +1,210 @@
+"""A bad-input corpus: what an attacker or a careless user does, and what the pipeline must do.
+
+Every case ends in exit 0 or a one-line ``error:``; no traceback, nothing written outside the
+run and report folders, no file of the user's changed or lost.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+
+import zoo
+from pipeline import load_run
+from pipeline.cli import main
+from pipeline.errors import UserError
+from pipeline.rundir import LOCK, hold, locked
+
+
+def run_cli(*args):
+    """``python -m pipeline`` in a fresh process, as a user runs it."""
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", PIPELINE_PROGRESS="0")
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+
+
+def one_line_error(stderr):
+    lines = [l for l in stderr.strip().splitlines() if l.strip()]
+    return len(lines) >= 1 and lines[-1].startswith("error:") and "Traceback" not in stderr
+
+
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes: compare before/after to prove nothing changed."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    zoo.image_folder(root / "images", per_class=3)
+    model = zoo.save(zoo.sequential(), root / "model", "keras")
+    return root, model
+
+
+def write_config(tmp_path, model, images, **extra):
+    cfg = {"name": "hostile", "out": str(tmp_path / "run"), "model": str(model), "data": {"images": str(images)},
+           "report": {"out": str(tmp_path / "report")}}
+    cfg.update(extra)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# --------------------------------------------------------------------------- trust is never inherited
+
+
+def lambda_model(path):
+    import keras
+
+    inp = keras.Input((16, 16, 3))
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(inp)
+    x = keras.layers.Conv2D(2, 3, name="conv")(x)
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    return zoo.save(keras.Model(inp, out), path, "keras")
+
+
+def test_trust_given_once_is_not_read_back_from_the_run_directory(tmp_path, setup, capsys):
+    root, _ = setup
+    model = lambda_model(tmp_path / "lam")
+    run = tmp_path / "run"
+    assert main(["run", "--model", model, "--images", str(root / "images"), "--out", str(run),
+                 "--only", "extract", "--trust-model"]) == 0
+    assert load_run(run).manifest["config"]["trust_model"] is True  # recorded, for the record only
+    capsys.readouterr()
+
+    # Someone else (or the same user, later) reruns from the folder: the Lambda model is refused.
+    assert main(["extract", str(run), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "Lambda layer 'double'" in err and "--trust-model" in err
+    assert main(["extract", str(run), "--force", "--trust-model"]) == 0
+
+
+# --------------------------------------------------------------------------- one writer per run directory
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_status_still_works(tmp_path, setup, capsys):
+    root, model = setup
+    path = write_config(tmp_path, model, root / "images")
+    assert main(["run", str(path), "--only", "extract"]) == 0
+    capsys.readouterr()
+    with hold(tmp_path / "run"):
+        result = run_cli("run", str(path), "--force", "--only", "extract")
+        assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
+        assert f"in use by process {os.getpid()}" in result.stderr
+        assert main(["status", str(tmp_path / "run")]) == 0
+        out = capsys.readouterr().out
+        assert f"in use by process {os.getpid()}" in out and "extract   done" in out
+    assert not locked(tmp_path / "run")
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    run = tmp_path / "run"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from pipeline.rundir import hold
+        with hold({str(run)!r}):
+            print("held", flush=True)
+            time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "held"
+        assert locked(run)
+        with pytest.raises(UserError, match=f"in use by process {child.pid}"):
+            with hold(run):
+                pass
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert (run / LOCK).exists() and not locked(run)  # the kernel dropped the flock with the process
+    with hold(run):
+        pass
+
+
+def test_two_runs_at_once_one_wins_and_the_store_is_complete(tmp_path, setup):
+    root, model = setup
+    path = write_config(tmp_path, model, root / "images", extract={"batch_size": 2, "chunk_rows": 2})
+    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", PIPELINE_PROGRESS="0")
+    cmd = [sys.executable, "-m", "pipeline", "run", str(path), "--only", "extract"]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    # Both may succeed one after the other (the second then finds it up to date); never both at once.
+    assert codes in ([0, 0], [0, 2]), results
+    for code, err in results:
+        if code == 2:
+            assert one_line_error(err) and "in use by process" in err
+    run = load_run(tmp_path / "run")
+    assert run.manifest["stages"]["extract"]["status"] == "done"
+    assert len(run.dataset) == 9
+    for layer in run.layer_names:
+        assert run.activations(layer)[:].shape[0] == 9
+    assert not list((tmp_path / "run").rglob("*.partial"))
+
+
+# --------------------------------------------------------------------------- other people's folders
+
+
+def users_folder(folder):
+    """A folder of the user's own work, with names the pipeline also uses."""
+    (folder / "probes").mkdir(parents=True)
+    (folder / "probes" / "notes.txt").write_text("my notes")
+    (folder / "activations.zarr").mkdir()
+    (folder / "activations.zarr" / "thesis.tex").write_text("\\begin{document}")
+    (folder / "skipped.csv").write_text("mine\n")
+    return snapshot(folder)
+
+
+def test_out_pointing_at_a_users_folder_is_refused_and_nothing_changes(tmp_path, setup):
+    root, model = setup
+    before = users_folder(tmp_path / "work")
+    result = run_cli("run", "--model", model, "--images", str(root / "images"), "--out", str(tmp_path / "work"))
+    assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
+    assert "not written by this tool" in result.stderr
+    assert snapshot(tmp_path / "work") == before
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["activations.zarr", "probes", "skipped.csv"]
+
+
+def test_an_empty_folder_is_fine_as_out(tmp_path, setup, capsys):
+    root, model = setup
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "--model", model, "--images", str(root / "images"), "--out", str(tmp_path / "empty"),
+                 "--only", "extract"]) == 0
+
+
+def test_report_out_never_deletes_a_users_partial_folder(tmp_path, setup, capsys):
+    root, model = setup
+    path = write_config(tmp_path, model, root / "images", report={"out": str(tmp_path / "docs")})
+    assert main(["run", str(path), "--only", "extract"]) == 0
+    assert main(["cluster", str(path)]) == 0
+    (tmp_path / "docs.partial").mkdir()
+    (tmp_path / "docs.partial" / "draft.md").write_text("my draft")
+    capsys.readouterr()
+    assert main(["report", str(path)]) == 2
+    assert "docs.partial exists and was not made by this tool" in capsys.readouterr().err
+    assert (tmp_path / "docs.partial" / "draft.md").read_text() == "my draft"
+    assert not (tmp_path / "docs").exists()
+
+    (tmp_path / "docs.partial" / "draft.md").unlink()
+    (tmp_path / "docs.partial").rmdir()
+    assert main(["report", str(path)]) == 0
+    assert (tmp_path / "docs" / "index.html").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".docs", "docs"))) == ["docs"]
+
+
+def test_export_out_refuses_a_users_folder(tmp_path, setup, capsys):
+    root, model = setup
+    path = write_config(tmp_path, model, root / "images")
+    assert main(["run", str(path), "--only", "extract"]) == 0
+    before = users_folder(tmp_path / "mine")
+    layer = load_run(tmp_path / "run").layer_names[0]
+    capsys.readouterr()
+    assert main(["export", "projector", str(tmp_path / "run"), "--layer", layer, "--out", str(tmp_path / "mine")]) == 2
+    assert "not written by `pipeline export`" in capsys.readouterr().err
+    assert snapshot(tmp_path / "mine") == before
+    assert main(["export", "projector", str(tmp_path / "run"), "--layer", layer, "--out", str(tmp_path / "proj")]) == 0
+    assert main(["export", "projector", str(tmp_path / "run"), "--layer", layer, "--out", str(tmp_path / "proj")]) == 0
+    assert (tmp_path / "proj" / "tensors.tsv").exists()
