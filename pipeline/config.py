@@ -5,6 +5,7 @@ Unknown or mistyped keys are errors that name the key; every default lives here 
 from __future__ import annotations
 
 import difflib
+import math
 import hashlib
 import json
 from pathlib import Path
@@ -15,67 +16,77 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UserError
 
 REDUCTIONS = ("mean", "max")
+MAX_SIDE = 8192  # px: image sides beyond this are a typo (or an attack), not a model input
 STAGES = ("extract", "embed", "cluster", "probe", "maximize", "report")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
     images: Optional[str] = None
     npz: Optional[str] = None
-    size: Union[Literal["auto"], tuple[int, int]] = "auto"
+    size: Union[Literal["auto"], tuple[Annotated[int, Field(ge=1, le=MAX_SIDE)], Annotated[int, Field(ge=1, le=MAX_SIDE)]]] = "auto"
     color: Literal["auto", "grey", "rgb"] = "auto"
     limit: Optional[int] = Field(default=None, ge=1)
     scale: str = "1/255"
     max_pixels: Optional[int] = Field(default=None, ge=1)
+    follow_symlinks: bool = False   # also follow links leading out of the image folder (loops are still cut)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_is_readable(cls, v):
+        a, b = parse_scale(v)
+        if not (math.isfinite(a) and math.isfinite(b)) or a == 0:
+            raise ValueError("must be a finite, non-zero scale such as 1/255, unit, symmetric or none")
+        return v
 
 
 class ExtractConfig(_Section):
     batch_size: int = Field(default=64, ge=1, le=8192)   # bounded: the last batch is padded to it
     reduce: list[Literal["mean", "max"]] = ["mean", "max"]
-    spatial_samples: int = Field(default=0, ge=0)
+    spatial_samples: int = Field(default=0, ge=0, le=4096)
     dtype: Literal["float32", "float16"] = "float32"
-    thumbnail_size: int = Field(default=64, ge=0)
-    chunk_rows: int = Field(default=1024, ge=1)
+    thumbnail_size: int = Field(default=64, ge=0, le=1024)
+    chunk_rows: int = Field(default=1024, ge=1, le=1 << 20)
 
 
 class EmbedConfig(_Section):
     methods: list[Literal["tsne", "umap"]] = ["tsne", "umap"]
     of: list[Literal["images", "neurons"]] = ["images", "neurons"]
-    pca: int = Field(default=50, ge=2)
+    pca: int = Field(default=50, ge=2, le=4096)
     max_fit: int = Field(default=10000, ge=100)
-    perplexity: float = Field(default=30.0, gt=0)
-    n_neighbors: int = Field(default=15, ge=2)
+    perplexity: float = Field(default=30.0, gt=0, le=10000)
+    n_neighbors: int = Field(default=15, ge=2, le=10000)
 
 
 class ClusterConfig(_Section):
     method: Literal["agglomerative", "kmeans", "hdbscan"] = "agglomerative"
     n_clusters: Union[Literal["auto"], Annotated[int, Field(ge=2)]] = "auto"
     metric: Literal["correlation"] = "correlation"
-    bootstrap: int = Field(default=20, ge=0)
-    top_k: int = Field(default=9, ge=1)
+    bootstrap: int = Field(default=20, ge=0, le=10000)
+    top_k: int = Field(default=9, ge=1, le=1000)
     reduction: Literal["mean", "max"] = "mean"
     # CKA between layers: minibatch unbiased HSIC on a seeded sample of at most cka_rows images
     # (null = all) in groups of cka_batch rows; memory does not depend on the layer widths.
     cka_rows: Optional[int] = Field(default=4096, ge=4)
-    cka_batch: int = Field(default=256, ge=4)
+    cka_batch: int = Field(default=256, ge=4, le=8192)
     # A layer with more units is not clustered (its C x C float64 correlation would be too big);
     # its units get cluster -1 and the log says so. CKA still covers it.
-    max_units: int = Field(default=8192, ge=2)
+    max_units: int = Field(default=8192, ge=2, le=32768)   # 32768^2 float64 = 8.6 GB
 
 
 class MaximizeConfig(_Section):
     # Per layer: the top-K units (highest dataset maximum) plus every cluster direction; "all" is
     # every unit of every layer (hours on a CPU for a deep model).
     units: Union[Literal["all"], str, list[int]] = "top:4"
-    steps: int = Field(default=256, ge=1)
-    size: int = Field(default=128, ge=8)
+    steps: int = Field(default=256, ge=1, le=100000)
+    size: int = Field(default=128, ge=8, le=MAX_SIDE)
     clusters: bool = True
     classes: bool = True
-    batch_size: int = Field(default=32, ge=1)
-    learning_rate: float = Field(default=0.05, gt=0)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    learning_rate: float = Field(default=0.05, gt=0, le=100)
     layers: Union[Literal["all", "last"], list[str]] = "all"
     # Image parameterisation: Fourier (Lucid's default) or raw pixels.
     param: Literal["fourier", "pixel"] = "fourier"
@@ -92,16 +103,16 @@ class MaximizeConfig(_Section):
 
 class ReportConfig(_Section):
     out: Optional[str] = None                          # default reports/<name>
-    units_per_page: int = Field(default=64, ge=1)      # unit gallery pagination
-    thumbnail_size: int = Field(default=64, ge=8)      # px, longer side of dataset thumbnails in the report
-    image_size: int = Field(default=128, ge=16)        # px, longer side of copied maximization images
-    top_images: int = Field(default=9, ge=1)           # dataset images shown per unit / cluster
-    examples: int = Field(default=12, ge=1)            # per class: most confident / most confused images
-    atlas_grid: int = Field(default=14, ge=2)          # activation-atlas cells per side
+    units_per_page: int = Field(default=64, ge=1, le=10000)      # unit gallery pagination
+    thumbnail_size: int = Field(default=64, ge=8, le=1024)  # px, longer side of dataset thumbnails in the report
+    image_size: int = Field(default=128, ge=16, le=MAX_SIDE)  # px, longer side of copied maximization images
+    top_images: int = Field(default=9, ge=1, le=100)    # dataset images shown per unit / cluster
+    examples: int = Field(default=12, ge=1, le=1000)    # per class: most confident / most confused images
+    atlas_grid: int = Field(default=14, ge=2, le=128)  # activation-atlas cells per side
     atlas_points: int = Field(default=20000, ge=100)   # images sampled for an atlas (bounds memory)
     explorer: bool = True                              # interactive maps on the layer pages (Bokeh, stored in js/)
     explorer_max_points: int = Field(default=50000, ge=100)  # more images: a seeded sample is shown (and said so)
-    explorer_thumbnail_size: int = Field(default=48, ge=8)   # px, longer side of a hover thumbnail in the sprite sheets
+    explorer_thumbnail_size: int = Field(default=48, ge=8, le=512)   # px, longer side of a hover thumbnail in the sprite sheets
 
 
 class ProbeConfig(_Section):
@@ -111,14 +122,14 @@ class ProbeConfig(_Section):
         "grayscale", "hue_rotation", "channel_shuffle", "patch_shuffle", "blur", "centre_mask",
         "background_mask"]
     max_images: Optional[int] = Field(default=1000, ge=1)   # seeded class-stratified sample (8 forward passes each)
-    bootstrap: int = Field(default=1000, ge=100)              # resamples for the confidence intervals
+    bootstrap: int = Field(default=1000, ge=100, le=100000)            # resamples for the confidence intervals
     confidence: float = Field(default=0.95, gt=0.5, lt=1)     # interval level (percentile bootstrap)
-    patch_grid: int = Field(default=4, ge=2)                  # patch_shuffle: grid x grid patches
+    patch_grid: int = Field(default=4, ge=2, le=64)               # patch_shuffle: grid x grid patches
     blur_sigma: float = Field(default=0.02, gt=0, le=0.5)     # blur: Gaussian sigma, fraction of the image side
     mask_fraction: float = Field(default=0.5, gt=0, lt=1)     # masks: side of the centre box, fraction
     min_images: int = Field(default=10, ge=2)                 # fewer (correct) images in a class: inconclusive
     min_effect: float = Field(default=0.2, gt=0, lt=1)        # a cue matters when its break rate's CI is above this
-    examples: int = Field(default=4, ge=1)                    # example images per probe under probes/
+    examples: int = Field(default=4, ge=1, le=100)                 # example images per probe under probes/
 
 
 class Config(_Section):
@@ -138,7 +149,7 @@ class Config(_Section):
     # Where the heavy stages run: this process (local) or a Dask cluster (dask). They give the
     # same arrays and tables; none of these keys is part of any stage's parameters.
     engine: Literal["local", "dask"] = "local"
-    workers: Optional[int] = Field(default=None, ge=1)   # dask: start a LocalCluster of this many processes
+    workers: Optional[int] = Field(default=None, ge=1, le=1024)   # dask: start a LocalCluster of this many processes
     scheduler: Optional[str] = None                      # dask: address of an existing cluster's scheduler
     # The plan printed before a run warns (and says what to cut) when its estimate exceeds this.
     budget_minutes: float = Field(default=60.0, gt=0)
@@ -186,7 +197,8 @@ _TYPE_TAGS = {"int", "str", "float", "bool", "list", "tuple", "dict"}
 
 def _describe(error, model_cls=Config) -> str:
     # Union members add their type name to the location ("n_clusters.literal['auto']"): drop it.
-    loc = [p for p in error["loc"] if isinstance(p, str) and "[" not in p and p not in _TYPE_TAGS]
+    loc = [p for p in error["loc"] if isinstance(p, str) and "[" not in p and p not in _TYPE_TAGS
+           and not p.startswith("constrained-")]
     dotted = ".".join(loc)
     if error["type"] == "extra_forbidden":
         known = _known_keys(model_cls, loc)
@@ -197,6 +209,13 @@ def _describe(error, model_cls=Config) -> str:
         return f"missing config key '{dotted}'"
     # Union errors repeat per branch; the first message is the clearest one.
     return f"config key '{dotted}': {error['msg']} (got {error.get('input')!r})"
+
+
+def _most_specific(errors):
+    """Of a union's per-branch errors, the one about a bound ("greater than or equal to 2"), which
+    says more than "input should be 'auto'"."""
+    return next((e for e in errors if e["type"] != "literal_error" and not e["type"].endswith("_type")),
+                errors[0])
 
 
 def make_config(raw: dict, base_dir: Path | None = None) -> Config:
@@ -224,7 +243,7 @@ def make_config(raw: dict, base_dir: Path | None = None) -> Config:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(_describe(exc.errors()[0])) from None
+        raise UserError(_describe(_most_specific(exc.errors()))) from None
     if not cfg.data.images and not cfg.data.npz:
         raise UserError("config 'data' needs 'images' (a folder) or 'npz' (a file)")
     if cfg.data.images and cfg.data.npz:
@@ -267,11 +286,14 @@ def load_config(path) -> Config:
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"config {path} is not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever YAML says
+        raise UserError(f"config {path} is not valid YAML{where}: {problem}") from None
     return make_config(raw, base_dir=path.parent)
 
 

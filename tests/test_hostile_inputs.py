@@ -208,3 +208,68 @@ def test_export_out_refuses_a_users_folder(tmp_path, setup, capsys):
     assert main(["export", "projector", str(tmp_path / "run"), "--layer", layer, "--out", str(tmp_path / "proj")]) == 0
     assert main(["export", "projector", str(tmp_path / "run"), "--layer", layer, "--out", str(tmp_path / "proj")]) == 0
     assert (tmp_path / "proj" / "tensors.tsv").exists()
+
+
+# --------------------------------------------------------------------------- random configs (property-based)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from pipeline.config import Config, load_config, make_config, parse_scale  # noqa: E402
+
+ANY_VALUE = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["auto", "all", "1/0", "nan", "-1", "top:0", "top:-3", "1e9", "../..", "/"]),
+    st.lists(st.integers(min_value=-5, max_value=10**6), max_size=3))
+
+
+def section_of(model_cls):
+    keys = list(model_cls.model_fields) + ["bogus_key"]
+    return st.dictionaries(st.sampled_from(keys), ANY_VALUE, max_size=4)
+
+
+RANDOM_CONFIG = st.fixed_dictionaries(
+    {"model": st.just("m.keras"), "data": st.fixed_dictionaries({"images": st.just("imgs")}).flatmap(
+        lambda d: section_of(Config.model_fields["data"].annotation).map(lambda extra: {**d, **extra}))},
+    optional={name: (section_of(f.annotation) if isinstance(f.annotation, type) and hasattr(f.annotation, "model_fields")
+                     else ANY_VALUE)
+              for name, f in Config.model_fields.items() if name not in ("model", "data")})
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(RANDOM_CONFIG)
+def test_any_config_is_accepted_within_bounds_or_refused_in_one_line(raw):
+    try:
+        cfg = make_config(raw)
+    except UserError as exc:
+        assert str(exc) and "\n" not in str(exc)
+        return
+    # Whatever is accepted is safe to run: bounded sizes, valid seeds, a usable pixel scale.
+    assert 0 <= cfg.seed < 2**32
+    assert 1 <= cfg.extract.batch_size <= 8192 and cfg.extract.chunk_rows <= 1 << 20
+    assert cfg.data.limit is None or cfg.data.limit >= 1
+    assert cfg.cluster.n_clusters == "auto" or cfg.cluster.n_clusters >= 2
+    assert cfg.maximize.size <= 8192 and cfg.maximize.batch_size <= 4096
+    assert cfg.data.size == "auto" or all(1 <= s <= 8192 for s in cfg.data.size)
+    a, b = parse_scale(cfg.data.scale)
+    assert a != 0 and abs(a) < float("inf") and abs(b) < float("inf")
+    assert "/" not in cfg.name and cfg.name not in (".", "..")
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_any_yaml_text_is_a_config_or_a_one_line_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("yaml") / "c.yaml"
+    path.write_text(text)
+    try:
+        load_config(path)
+    except UserError as exc:
+        assert "\n" not in str(exc).strip()
+
+
+def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"model: m\xff.keras\n")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_config(path)
