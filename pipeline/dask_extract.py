@@ -115,7 +115,7 @@ def run(ctx):
         ctx.log(f"warning: layer {layer} produced {count} NaN/Inf values (stored as they are; "
                 "later stages treat affected units as dead)")
     return {"images": int(n), "skipped": int(len(store.read_table("skipped.csv"))),
-            "layers": names, "nonfinite": bad}
+            "layers": names, "nonfinite": bad, "classes": progress["classes"]}
 
 
 def shards(todo, workers, most=8) -> list[list[int]]:

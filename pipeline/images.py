@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import struct
+import threading
 import warnings
 import zlib
 import zipfile
@@ -28,6 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -84,7 +86,7 @@ def list_classes(root):
         return sorted(e.name for e in entries if not _hidden(e.name) and e.is_dir())
 
 
-def list_image_folder(root):
+def list_image_folder(root, follow_symlinks=False):
     """List the images of a folder, and the files that are not images.
 
     Sub-folders of ``root`` are classes (sorted by name; label = position, see
@@ -96,6 +98,9 @@ def list_image_folder(root):
     Parameters
     ----------
     root : str or os.PathLike
+    follow_symlinks : bool, default False
+        Also follow symbolic links (files or folders, class folders included) whose target
+        is outside ``root``. Links inside ``root`` are always followed.
 
     Returns
     -------
@@ -104,29 +109,59 @@ def list_image_folder(root):
         (str or None); unlabelled files first, then by label, then by relative path.
         Listed files may still fail to decode: see :func:`scan_images`.
     skipped : pandas.DataFrame
-        Columns ``path``, ``reason`` for files whose extension is not in
-        :data:`IMAGE_EXTENSIONS`.
+        Columns ``path`` (printable, see :func:`printable`), ``reason``, sorted by path:
+        files whose extension is not in :data:`IMAGE_EXTENSIONS`, names that are not valid
+        UTF-8, links leading out of ``root`` (unless ``follow_symlinks``), links back to a
+        folder already listed (loops), unreadable folders.
 
     Raises
     ------
     UserError
         If ``root`` is missing, not a folder, or holds no image files.
+
+    Notes
+    -----
+    A class folder that is skipped keeps its label, so the labels of the others still match
+    ``keras.utils.image_dataset_from_directory``. Every folder is walked once: links to a
+    folder are followed after the real tree, so images are listed at their real place and
+    a loop ends.
     """
     root = _existing_folder(root)
-    groups = [(-1, None, _top_level_files(root))]
-    for label, name in enumerate(list_classes(root)):
-        groups.append((label, name, _files_below(os.path.join(root, name))))
-    rows, skipped = [], []
-    for label, name, files in groups:
-        for path in sorted(files, key=lambda p: Path(p).relative_to(root).parts):
-            reason = _extension_problem(path)
-            if reason:
-                skipped.append((path, reason))
-            else:
-                rows.append((path, label, name))
+    names = list_classes(root)
+    walk = _Walk(root, follow_symlinks)
+    walk.run(names)
+    rows, skipped = [], list(walk.skipped)
+    ordered = sorted(walk.files, key=lambda f: (f[0], Path(f[1]).relative_to(root).parts))
+    for label, path in ordered:
+        reason = _name_problem(path) or _extension_problem(path)
+        if reason:
+            skipped.append((path, reason))
+        else:
+            rows.append((path, label, names[label] if label >= 0 else None))
     if not rows:
         raise UserError(_no_images_message(root, len(skipped)))
-    return _candidates_frame(rows), pd.DataFrame(skipped, columns=["path", "reason"])
+    return _candidates_frame(rows), _skipped_frame(skipped)
+
+
+def printable(name):
+    """A file name as text that any file or table can hold.
+
+    Bytes that are not valid UTF-8 (which Python keeps as lone surrogates) are shown as
+    ``\\xff`` escapes.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    str
+        ``name`` itself when it is valid UTF-8.
+    """
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file system produced
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _existing_folder(root):
@@ -142,19 +177,104 @@ def _hidden(name):
     return name.startswith(".")
 
 
-def _top_level_files(root):
-    # Anything that is not a folder is a file here, broken symlinks included: they must
-    # reach the decoder and be reported, not vanish.
-    with os.scandir(root) as entries:
-        return [e.path for e in entries if not _hidden(e.name) and not e.is_dir()]
+class _Walk:
+    """The files below an image folder, following symbolic links only where it is safe.
+
+    The real tree is walked first and links to folders afterwards, in the order found, and
+    no folder (``st_dev, st_ino``) is walked twice: a loop ends, and a link to a folder that
+    is also reachable directly adds nothing. A link whose target is outside the folder is
+    not followed unless ``follow_outside``.
+    """
+
+    def __init__(self, root, follow_outside):
+        self.root, self.real_root = root, os.path.realpath(root)
+        self.follow_outside = follow_outside
+        self.files, self.skipped = [], []   # (label, path); (path, reason)
+        self._links = deque()               # (label, path) of links to folders, not yet walked
+        self._walked = set()
+
+    def run(self, classes):
+        self._first_visit(self.root)  # so that a link back to the root is a loop, not a class
+        for entry in self._entries(self.root):
+            if not entry.is_dir():  # broken links included: the decoder reports them
+                self._add(-1, entry)
+        for label, name in enumerate(classes):
+            path = os.path.join(self.root, name)
+            if os.path.islink(path):
+                self._add_link(label, path, is_dir=True)
+            else:
+                self._walk(label, path)
+        while self._links:
+            self._walk(*self._links.popleft())
+
+    def _walk(self, label, top):
+        pending = [top]
+        while pending:
+            folder = pending.pop()
+            if not self._first_visit(folder):
+                continue
+            for entry in self._entries(folder):
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                else:
+                    self._add(label, entry)
+
+    def _add(self, label, entry):
+        if entry.is_symlink():
+            self._add_link(label, entry.path, entry.is_dir())
+        else:
+            self.files.append((label, entry.path))
+
+    def _add_link(self, label, path, is_dir):
+        if not self.follow_outside and not self._inside(os.path.realpath(path)):
+            self.skipped.append((path, "symlink leads outside the image folder"))
+        elif is_dir:
+            self._links.append((label, path))  # after the real tree: see the class docstring
+        else:
+            self.files.append((label, path))
+
+    def _inside(self, real):
+        return os.path.commonpath([real, self.real_root]) == self.real_root
+
+    def _first_visit(self, folder):
+        try:
+            info = os.stat(folder)
+        except OSError as e:
+            self.skipped.append((folder, f"cannot read folder: {e.strerror or e}"))
+            return False
+        key = (info.st_dev, info.st_ino)
+        if key in self._walked:
+            self.skipped.append((folder, self._revisit_reason(folder)))
+            return False
+        self._walked.add(key)
+        return True
+
+    def _revisit_reason(self, folder):
+        # A loop leads to a folder on its own way down from the root (through links, so the
+        # real paths of the ancestors are compared, not the path's prefixes).
+        target, parent = os.path.realpath(folder), os.path.dirname(folder)
+        while len(parent) >= len(self.root):
+            if os.path.realpath(parent) == target:
+                return "symlink loop: leads back to a folder it is in"
+            parent = os.path.dirname(parent)
+        return "symlink to a folder already listed (its images are listed once)"
+
+    def _entries(self, folder):
+        try:
+            with os.scandir(folder) as found:
+                return sorted((e for e in found if not _hidden(e.name)), key=lambda e: e.name)
+        except OSError as e:
+            self.skipped.append((folder, f"cannot read folder: {e.strerror or e}"))
+            return []
 
 
-def _files_below(folder):
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]  # prune in place: os.walk API
-        found += [os.path.join(dirpath, f) for f in filenames if not _hidden(f)]
-    return found
+def _name_problem(path):
+    # pyarrow and CSV writers cannot encode the surrogates Python uses for such bytes.
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    return None
 
 
 def _extension_problem(path):
@@ -168,6 +288,11 @@ def _no_images_message(root, n_other):
     others = f"; found {n_other} other file(s)" if n_other else ""
     wanted = " ".join(sorted(IMAGE_EXTENSIONS))
     return f"no image files in {root} (looked for {wanted}, also in class sub-folders){others}"
+
+
+def _skipped_frame(skipped):
+    rows = sorted((printable(path), reason) for path, reason in skipped)
+    return pd.DataFrame(rows, columns=["path", "reason"])
 
 
 def _candidates_frame(rows):
@@ -544,15 +669,50 @@ def _allocate(counts, limit):
 # --------------------------------------------------------------------------- arrays
 
 
-def load_npz(path):
+#: Bytes of ``x`` held at a time when an ``.npz`` is scanned (value range, NaN/Inf), so the
+#: scan's memory depends neither on the number nor on the size of the images.
+SCAN_BYTES = 1 << 20
+
+#: ``class_names`` is read whole, so it is bounded: no dataset has more classes or names this long.
+MAX_CLASSES = 1_000_000
+MAX_CLASS_NAMES_BYTES = 64 << 20
+
+# Deflate cannot expand data more than 1032 times (RFC 1951: at best 2 bits per 258-byte
+# match); a member whose zip entry claims more is crafted, and would only fail later.
+_DEFLATE_MAX_RATIO = 1032
+
+# A compressed member is decompressed into the caller's array this much at a time:
+# ZipExtFile.readinto goes through bytes objects as large as the request, and several of them.
+_STREAM_PIECE = 1 << 18
+
+# A Fortran-order x has no contiguous image to read by index; it is read whole up to this.
+_FORTRAN_BYTES = 256 << 20
+
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+# What reading a damaged or crafted member raises (zipfile: CRC and EOF; RuntimeError: encrypted;
+# NotImplementedError: a compression method zipfile lacks).
+_MEMBER_ERRORS = (ValueError, OSError, EOFError, RuntimeError, NotImplementedError, struct.error,
+                  zipfile.BadZipFile, zlib.error)
+
+
+def load_npz(path, max_pixels=None):
     """Read images (and optional labels) from a ``.npz`` file, refusing pickled data.
+
+    Checked as by :func:`open_npz`, then ``x`` is read whole: for large files use
+    :func:`open_npz`, which reads images by index.
 
     Parameters
     ----------
     path : str or os.PathLike
         A file written by ``numpy.savez``/``savez_compressed`` with an array ``x`` of shape
         ``(N, H, W)`` or ``(N, H, W, C)``, C in {1, 3, 4}; optionally ``y`` (N integer
-        labels) and ``class_names`` (array of strings).
+        labels, -1 = unlabelled) and ``class_names`` (array of strings).
+    max_pixels : int, optional
+        As in :func:`open_npz`.
 
     Returns
     -------
@@ -566,92 +726,448 @@ def load_npz(path):
     UserError
         One line naming the file and the problem.
     """
+    with open_npz(path, max_pixels) as data:
+        return data.read(np.arange(len(data))), data.y, data.class_names
+
+
+def open_npz(path, max_pixels=None):
+    """Open an ``.npz`` dataset, checking it without reading its images.
+
+    Every member's ``.npy`` header is read first (nothing is decompressed beyond it) and
+    checked: shapes, dtypes (no pickled objects), the declared size against the zip entry,
+    and the pixels per image against ``max_pixels``. ``y`` and ``class_names`` are then read
+    whole; ``x`` is read by index (see :class:`NpzImages`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        As in :func:`load_npz`.
+    max_pixels : int, optional
+        Refuse images of more pixels (H × W) than this, the limit image files get (see
+        :func:`load_image`). Defaults to ``PIL.Image.MAX_IMAGE_PIXELS``.
+
+    Returns
+    -------
+    NpzImages
+        Close it (or use it in a ``with`` block) to release the file.
+
+    Raises
+    ------
+    UserError
+        One line naming the file and the problem.
+    """
     path = os.path.abspath(os.fspath(path))
-    if not os.path.isfile(path):
-        raise UserError(f"npz file not found: {path}")
-    with _open_npz(path) as data:
-        if "x" not in data.files:
-            found = ", ".join(data.files) or "nothing"
+    archive = _open_zip(path)
+    try:
+        members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+        if "x" not in members:
+            found = ", ".join(members) or "nothing"
             raise UserError(
                 f"{path}: no array named 'x' (found: {found}); save images with numpy.savez(path, x=images)"
             )
-        x = _npz_array(data, "x", path)
-        y = _npz_array(data, "y", path) if "y" in data.files else None
-        names = _npz_array(data, "class_names", path) if "class_names" in data.files else None
-    _check_x(x, path)
-    return x, _checked_labels(y, len(x), path), _checked_class_names(names, y, path)
+        header = _member_header(archive, members["x"], "x", path)
+        _check_x(header, path, max_pixels)
+        _check_size(members["x"], header, "x", path)
+        y = _read_labels(archive, members.get("y"), header.shape[0], path)
+        names = _checked_class_names(_read_class_names(archive, members.get("class_names"), path), y, path)
+        source = _x_bytes(archive, members["x"], header, path)
+    except BaseException:
+        archive.close()
+        raise
+    return NpzImages(path, archive, source, header, y, names)
 
 
-def _open_npz(path):
-    # Checked before np.load, whose errors for these cases talk about pickles.
+class NpzImages:
+    """The images of an ``.npz`` file, read by index, and its labels.
+
+    Made by :func:`open_npz`. Memory holds the images asked for (:meth:`read`) or one
+    :data:`SCAN_BYTES` chunk (:meth:`chunks`), never the whole of ``x``.
+
+    Attributes
+    ----------
+    path : str
+    shape : tuple of int
+        Shape of ``x``: ``(N, H, W)`` or ``(N, H, W, C)``.
+    dtype : numpy.dtype
+        Of ``x``.
+    y : numpy.ndarray of int64 or None
+        One label per image, -1 = unlabelled.
+    class_names : list of str or None
+
+    Notes
+    -----
+    A stored ``x`` (``numpy.savez``) is read at its offset in the file. A compressed one
+    (``savez_compressed``) is decompressed as a stream that stays open at the last image
+    read, so reading batches in order costs O(batch); reading backwards restarts the
+    decompression. One read at a time: threads may share an instance.
+    """
+
+    def __init__(self, path, archive, source, header, y, class_names):
+        self.path, self.shape, self.dtype = path, header.shape, header.dtype
+        self.y, self.class_names = y, class_names
+        self._archive, self._source = archive, source
+        self._image_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+        self._lock = threading.Lock()
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Release the file."""
+        self._source.close()
+        self._archive.close()
+
+    def read(self, indices):
+        """Images ``x[indices]``, reading only those.
+
+        Parameters
+        ----------
+        indices : array-like of int
+            Positions in ``x``, any order, repeats allowed; sorted ones read fastest.
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape ``(len(indices), *shape[1:])``, dtype as stored.
+
+        Raises
+        ------
+        IndexError
+            For a position outside ``0..N-1``.
+        UserError
+            If the stored data cannot be read (truncated or corrupt file).
+        """
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        wanted, inverse = np.unique(indices, return_inverse=True)
+        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= len(self)):
+            raise IndexError(f"image index out of range 0..{len(self) - 1}")
+        images = np.empty((len(wanted), *self.shape[1:]), self.dtype)
+        for start, stop in _runs(wanted):
+            self._fill(int(wanted[start]) * self._image_bytes, images[start:stop])
+        return images if np.array_equal(wanted, indices) else images[inverse.reshape(-1)]
+
+    def chunks(self, nbytes=SCAN_BYTES):
+        """The values of ``x`` in storage order, a bounded chunk at a time.
+
+        Parameters
+        ----------
+        nbytes : int
+            Bytes per chunk (at least one value).
+
+        Yields
+        ------
+        first : int
+            Flat position in ``x`` of the chunk's first value.
+        values : numpy.ndarray
+            1-D.
+        """
+        step = max(1, nbytes // self.dtype.itemsize)
+        total = math.prod(self.shape)
+        for first in range(0, total, step):
+            values = np.empty(min(step, total - first), self.dtype)
+            self._fill(first * self.dtype.itemsize, values)
+            yield first, values
+
+    def _fill(self, offset, out):
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        try:
+            with self._lock:
+                got = self._source.readinto(offset, buffer)
+        except _MEMBER_ERRORS as e:
+            raise UserError(f"{self.path}: array 'x' cannot be read ({_short(e)})") from None
+        if got != len(buffer):
+            raise UserError(f"{self.path}: array 'x' ends early: the file is truncated")
+
+
+def _runs(positions):
+    """``(start, stop)`` of each run of consecutive values in sorted ``positions``."""
+    breaks = (np.flatnonzero(np.diff(positions) != 1) + 1).tolist()
+    edges = [0, *breaks, len(positions)] if len(positions) else []
+    return zip(edges[:-1], edges[1:])
+
+
+class _FileBytes:
+    """A stored member's data, read at any offset of the file itself."""
+
+    def __init__(self, path, start):
+        self._file, self._start = open(path, "rb"), start
+
+    def readinto(self, offset, buffer):
+        self._file.seek(self._start + offset)
+        return self._file.readinto(buffer)
+
+    def close(self):
+        self._file.close()
+
+
+class _StreamBytes:
+    """A compressed member's data. ``ZipExtFile.seek`` decompresses forward in bounded
+    reads, or restarts for a position behind the stream's, so the stream is the cursor."""
+
+    def __init__(self, member, start):
+        self._member, self._start = member, start
+
+    def readinto(self, offset, buffer):
+        self._member.seek(self._start + offset)
+        got = 0
+        while got < len(buffer):
+            n = self._member.readinto(buffer[got:got + _STREAM_PIECE])
+            if not n:
+                break
+            got += n
+        return got
+
+    def close(self):
+        self._member.close()
+
+
+class _ArrayBytes:
+    """An array read whole, served like the others (a Fortran-order ``x``)."""
+
+    def __init__(self, array):
+        self._bytes = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+
+    def readinto(self, offset, buffer):
+        part = self._bytes[offset:offset + len(buffer)]
+        buffer[:len(part)] = part
+        return len(part)
+
+    def close(self):
+        pass
+
+
+class _Header(NamedTuple):
+    shape: tuple
+    fortran_order: bool
+    dtype: np.dtype
+    start: int  # position of the data in the member (after the header)
+
+
+def _open_zip(path):
+    if not os.path.isfile(path):
+        raise UserError(f"npz file not found: {path}")
+    # Checked first: numpy's errors for these cases talk about pickles.
     try:
         with open(path, "rb") as f:
             head = f.read(6)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
-    if head == b"\x93NUMPY":
+    if head == np.lib.format.MAGIC_PREFIX:
         raise UserError(
             f"{path}: is a single .npy array, not an .npz file; save it with numpy.savez(path, x=images)"
         )
     if not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not a valid .npz file (not a zip archive)")
     try:
-        return np.load(path, allow_pickle=False)
+        return zipfile.ZipFile(path)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a valid .npz file ({_short(e)})") from None
 
 
-def _npz_array(data, key, path):
+def _member_header(archive, info, key, path):
+    """The ``.npy`` header of a member, read without decompressing its data."""
     try:
-        return data[key]
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise UserError(
-                f"{path}: array '{key}' holds Python objects (dtype=object); loading it would "
-                "unpickle code, so it is refused: save it as a numeric or string array"
-            ) from None
+        with archive.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version not in _HEADER_READERS:
+                raise UserError(f"{path}: array '{key}' uses .npy format {version}, not 1.0 or 2.0")
+            shape, fortran_order, dtype = _HEADER_READERS[version](member)
+            start = member.tell()
+    except _MEMBER_ERRORS as e:
         raise UserError(f"{path}: array '{key}' cannot be read ({_short(e)})") from None
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise UserError(f"{path}: array '{key}' cannot be read ({_short(e)})") from None
-
-
-def _check_x(x, path):
-    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3, 4)):
+    if dtype.hasobject:
         raise UserError(
-            f"{path}: x must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}"
+            f"{path}: array '{key}' holds Python objects (dtype=object); loading it would "
+            "unpickle code, so it is refused: save it as a numeric or string array"
         )
-    if x.dtype.kind not in "biuf":
-        raise UserError(f"{path}: x has dtype {x.dtype}; expected uint8 or float")
-    if len(x) == 0:
+    return _Header(shape, fortran_order, dtype, start)
+
+
+def _check_x(header, path, max_pixels):
+    shape, dtype = header.shape, header.dtype
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+        raise UserError(
+            f"{path}: x must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {shape}"
+        )
+    if dtype.kind not in "biuf":
+        raise UserError(f"{path}: x has dtype {dtype}; expected uint8 or float")
+    if shape[0] < 1:
         raise UserError(f"{path}: x holds no images")
+    if min(shape[1:]) < 1:
+        raise UserError(f"{path}: x holds empty images (shape {shape})")
+    height, width = shape[1:3]
+    limit = _pixel_limit(max_pixels)
+    if limit is not None and height * width > limit:
+        raise UserError(
+            f"{path}: x holds images of {width}×{height} pixels ({height * width} > limit {limit}): "
+            "possible decompression bomb; raise data.max_pixels if you trust the file"
+        )
 
 
-def _checked_labels(y, n, path):
-    if y is None:
+def _check_size(info, header, key, path):
+    """The data a header declares must be in the zip entry, and the entry must be possible."""
+    declared = math.prod(header.shape) * header.dtype.itemsize
+    held = info.file_size - header.start
+    if declared > held:
+        raise UserError(
+            f"{path}: array '{key}' declares {header.shape} {header.dtype} ({_size(declared)}) but the "
+            f"file holds {_size(max(held, 0))} of data for it: truncated or crafted .npz"
+        )
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise UserError(
+            f"{path}: array '{key}' claims {_size(info.file_size)} from {_size(info.compress_size)} of "
+            "compressed data, more than deflate can produce: crafted .npz"
+        )
+
+
+def _size(nbytes):
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def _x_bytes(archive, info, header, path):
+    if header.fortran_order:
+        declared = math.prod(header.shape) * header.dtype.itemsize
+        if declared > _FORTRAN_BYTES:
+            raise UserError(
+                f"{path}: x ({_size(declared)}) is stored in Fortran order, so its images cannot be read "
+                "one at a time; save numpy.ascontiguousarray(x) instead"
+            )
+        return _ArrayBytes(_read_member(archive, info, "x", path))
+    if info.compress_type == zipfile.ZIP_STORED:
+        return _FileBytes(path, _stored_data_offset(path, info, header))
+    try:
+        return _StreamBytes(archive.open(info), header.start)
+    except _MEMBER_ERRORS as e:
+        raise UserError(f"{path}: array 'x' cannot be read ({_short(e)})") from None
+
+
+def _stored_data_offset(path, info, header):
+    """Where a stored member's array data starts in the file (zipfile does not say)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            fields = struct.unpack(zipfile.structFileHeader, f.read(zipfile.sizeFileHeader))
+            *_, name_length, extra_length = fields
+            member = info.header_offset + zipfile.sizeFileHeader + name_length + extra_length
+            f.seek(member)
+            magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+            size = os.fstat(f.fileno()).st_size
+    except (OSError, struct.error) as e:
+        raise UserError(f"{path}: array 'x' cannot be read ({_short(e)})") from None
+    start = member + header.start
+    if fields[0] != zipfile.stringFileHeader or magic != np.lib.format.MAGIC_PREFIX:
+        raise UserError(f"{path}: not a valid .npz file (array 'x' is not where its zip entry says)")
+    if start + math.prod(header.shape) * header.dtype.itemsize > size:
+        raise UserError(f"{path}: array 'x' ends early: the file is truncated")
+    return start
+
+
+def _read_member(archive, info, key, path):
+    try:
+        with archive.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+    except _MEMBER_ERRORS as e:
+        raise UserError(f"{path}: array '{key}' cannot be read ({_short(e)})") from None
+
+
+def _read_labels(archive, info, n, path):
+    if info is None:
         return None
-    if y.ndim != 1:
-        hint = " (one-hot? store y.argmax(axis=1))" if y.ndim == 2 else ""
-        raise UserError(f"{path}: y must be one integer label per image; got shape {y.shape}{hint}")
-    if len(y) != n:
-        raise UserError(f"{path}: y has {len(y)} labels but x has {n} images")
-    if y.dtype.kind not in "biuf" or (y.dtype.kind == "f" and not np.all(y == np.round(y))):
+    header = _member_header(archive, info, "y", path)
+    shape, dtype = header.shape, header.dtype
+    if len(shape) != 1:
+        hint = " (one-hot? store y.argmax(axis=1))" if len(shape) == 2 else ""
+        raise UserError(f"{path}: y must be one integer label per image; got shape {shape}{hint}")
+    if shape[0] != n:
+        raise UserError(f"{path}: y has {shape[0]} labels but x has {n} images")
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise UserError(f"{path}: y must hold integer labels; got dtype {dtype}")
+    _check_size(info, header, "y", path)
+    return _checked_labels(_read_member(archive, info, "y", path), path)
+
+
+def _checked_labels(y, path):
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise UserError(f"{path}: y must hold integer labels; got dtype {y.dtype}")
+    if len(y) and (y.min() < -1 or y.max() >= 2**63):  # checked before int64 could wrap them
+        bad = int(y.min() if y.min() < -1 else y.max())
+        raise UserError(f"{path}: y has label {bad}; labels are 0, 1, 2, … (-1 = unlabelled)")
     return y.astype(np.int64)
+
+
+def _read_class_names(archive, info, path):
+    if info is None:
+        return None
+    header = _member_header(archive, info, "class_names", path)
+    if len(header.shape) != 1 or header.dtype.kind not in "US":
+        raise UserError(
+            f"{path}: class_names must be a 1-D array of strings; got {header.dtype} {header.shape}"
+        )
+    nbytes = header.shape[0] * header.dtype.itemsize
+    if header.shape[0] > MAX_CLASSES or nbytes > MAX_CLASS_NAMES_BYTES:
+        raise UserError(
+            f"{path}: class_names lists {header.shape[0]} names of up to {header.dtype.itemsize} bytes; "
+            f"at most {MAX_CLASSES} names and {_size(MAX_CLASS_NAMES_BYTES)} are read"
+        )
+    _check_size(info, header, "class_names", path)
+    return _read_member(archive, info, "class_names", path)
 
 
 def _checked_class_names(names, y, path):
     if names is None:
         return None
-    if names.ndim != 1 or names.dtype.kind not in "US":
-        raise UserError(
-            f"{path}: class_names must be a 1-D array of strings; got {names.dtype} {names.shape}"
-        )
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in names.tolist()]
     if y is not None and len(y) and int(y.max()) >= len(names):
         raise UserError(
             f"{path}: y has label {int(y.max())} but class_names lists only {len(names)} classes"
         )
     return names
+
+
+def scan_npz(data):
+    """Value range and non-finite images of an ``.npz`` dataset, in one bounded pass.
+
+    Parameters
+    ----------
+    data : NpzImages
+
+    Returns
+    -------
+    value_range : float
+        What :func:`infer_value_range` gives for the whole of ``x``.
+    nonfinite : numpy.ndarray of bool
+        One per image: True where the image holds NaN or Inf.
+
+    Raises
+    ------
+    UserError
+        As :func:`infer_value_range`, or if ``x`` cannot be read.
+
+    Notes
+    -----
+    uint8 and bool arrays need no pass: their range is their dtype's.
+    """
+    nonfinite = np.zeros(len(data), dtype=bool)
+    if data.dtype in (np.uint8, np.bool_):
+        return (255.0 if data.dtype == np.uint8 else 1.0), nonfinite
+    low, high = np.inf, -np.inf
+    per_image = math.prod(data.shape[1:])
+    for first, values in data.chunks():
+        if values.dtype.kind == "f":
+            nonfinite[(first + np.flatnonzero(~np.isfinite(values))) // per_image] = True
+        chunk_low, chunk_high = _finite_min_max(values)
+        low, high = min(low, chunk_low), max(high, chunk_high)
+    return _value_range(data.dtype, low, high, f"{data.path}: x"), nonfinite
 
 
 def convert_array_batch(x, size, channels, value_range=None):
@@ -710,18 +1226,22 @@ def infer_value_range(x):
     """
     if x.dtype in (np.uint8, np.bool_) or x.size == 0:
         return 255.0 if x.dtype == np.uint8 else 1.0
-    low, high = _finite_min_max(x)
+    return _value_range(x.dtype, *_finite_min_max(x))
+
+
+def _value_range(dtype, low, high, name="image array"):
+    """The value meaning white for an array of ``dtype`` whose finite values span [low, high]."""
     if low < 0:
         raise UserError(
-            f"image array has negative values (min {low:g}); "
+            f"{name} has negative values (min {low:g}); "
             "store uint8 images or floats in [0, 1] or [0, 255]"
         )
-    if x.dtype.kind == "f":
+    if dtype.kind == "f":
         if high > 255.0:
-            raise UserError(f"float image array has values up to {high:g}; expected [0, 1] or [0, 255]")
+            raise UserError(f"{name} holds floats up to {high:g}; expected [0, 1] or [0, 255]")
         return _float_top(high)
     if high > 65535:
-        raise UserError(f"integer image array has values up to {high:g}; expected 8- or 16-bit values")
+        raise UserError(f"{name} holds integers up to {high:g}; expected 8- or 16-bit values")
     return 255.0 if high <= 255 else 65535.0
 
 

@@ -101,7 +101,7 @@ def run(ctx):
         ctx.log(f"warning: layer {layer} produced {count} NaN/Inf values (stored as they are; "
                 "later stages treat affected units as dead)")
     return {"images": int(len(dataset)), "skipped": int(len(store.read_table("skipped.csv"))),
-            "layers": names, "nonfinite": bad}
+            "layers": names, "nonfinite": bad, "classes": progress["classes"]}
 
 
 def _start(ctx, plan, size, channels):
@@ -109,12 +109,13 @@ def _start(ctx, plan, size, channels):
     cfg, store = ctx.cfg, ctx.store
     store.discard_partial(ZARR)
     ctx.log("extract: checking images…")
-    dataset, skipped = build_dataset(cfg.data, size, channels, cfg.seed)
+    dataset, skipped, classes = build_dataset(cfg.data, size, channels, cfg.seed)
     store.write_table("dataset.parquet", dataset)
     store.write_table("skipped.csv", skipped)
     if len(skipped):
         ctx.log(f"extract: {len(skipped)} input(s) skipped, reasons in {store.path('skipped.csv')}")
-    progress = {"plan": plan, "done": [], "nonfinite": {}}
+    # Kept with the progress: a resumed run does not list the images again, yet reports the classes.
+    progress = {"plan": plan, "done": [], "nonfinite": {}, "classes": classes}
     store.write_json(PROGRESS, progress)
     return progress
 

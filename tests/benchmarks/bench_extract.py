@@ -473,7 +473,7 @@ def run_all(tf, tmp, n, rss_n, repeats):
     loader_rate = {}
     for kind, c in (("npz", cfg_npz), ("folder", cfg_dir)):
         dc = make_config(c).data
-        ds, _ = build_dataset(dc, (SIZE, SIZE), 3, 0)
+        ds, _, _ = build_dataset(dc, (SIZE, SIZE), 3, 0)
         load = pixel_loader(dc, ds, (SIZE, SIZE), 3)
         best = float("inf")
         for _ in range(max(1, repeats - 1)):
