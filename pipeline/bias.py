@@ -72,7 +72,7 @@ originals is near chance the reason says so: only the decisions the model gets r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -133,6 +133,99 @@ def softmax(logits) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------- classes and outputs
+
+
+@dataclass(frozen=True)
+class Classes:
+    """The classes of a run, and whether the model's output ``k`` may be read as class ``k``.
+
+    Attributes
+    ----------
+    names : dict
+        ``{code: name}`` for every declared class, also those without images. Runs with the
+        extract stage's class list code classes ``0..K-1``; older runs keep their rows' labels.
+    identity : bool
+        Code ``k`` is the label ``k`` the user gave (folder position, ``.npz`` ``y`` value).
+    source : dict
+        ``{code: label as the user gave it}`` where known.
+
+    Examples
+    --------
+    >>> Classes({0: "a", 1: "b", 2: "c"}, False, {0: 0, 1: 1, 2: 3000000}).mismatch(10)
+    'the model has 10 outputs but the data has 3 classes labelled 0, 1, 3000000: predictions are not matched to labels'
+    >>> Classes({0: "a", 1: "b"}, True, {0: 0, 1: 1}).mismatch(2) is None
+    True
+    """
+
+    names: dict
+    identity: bool = True
+    source: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def mismatch(self, n_outputs) -> str | None:
+        """Why the model's outputs cannot be read as these classes, or None when they can.
+
+        Output ``k`` is class ``k`` only when the codes are the user's own labels and there are as
+        many outputs as declared classes; anything else would compare logits with the wrong class.
+        """
+        k = len(self.names)
+        if k == 0:
+            return "the images are unlabelled"
+        if self.identity and n_outputs == k:
+            return None
+        labelled = f"{k} class{'es' if k != 1 else ''} labelled {_label_list(self)}"
+        if n_outputs != k:
+            return (f"the model has {n_outputs} output{'s' if n_outputs != 1 else ''} but the data has {labelled}: "
+                    "predictions are not matched to labels")
+        return (f"the data's {labelled.replace(' labelled', ' are labelled')}, not 0 to {k - 1} like the model's "
+                f"{n_outputs} outputs: predictions are not matched to labels")
+
+
+def _label_list(classes, shown=6) -> str:
+    """The user's labels of the classes (their names where the label is unknown), shortened when long."""
+    values = [str(classes.source.get(c, c if classes.identity else classes.names[c])) for c in classes.names]
+    if len(values) > shown:
+        values = values[:shown - 2] + ["…", values[-1]]
+    return ", ".join(values)
+
+
+def read_classes(dataset, manifest=None) -> Classes:
+    """The run's classes from the extract stage's class list, or from the labelled rows of older runs.
+
+    Parameters
+    ----------
+    dataset : pandas.DataFrame
+        ``dataset.parquet``: ``label`` (code, -1 = unlabelled), ``class_name``, and in newer runs
+        ``source_label`` (the label as the user gave it).
+    manifest : dict, optional
+        ``manifest.json``; its ``stages.extract.summary.classes`` is ``{"names": [...], "identity": bool}``.
+
+    Returns
+    -------
+    Classes
+        Old runs without the class list: the labels found in the rows, ``identity`` when they are
+        exactly ``0..K-1`` (sparse labels, such as ``{0, 1, 3000000}``, are never read as outputs).
+    """
+    labelled = dataset[dataset["label"] >= 0]
+    source_column = "source_label" if "source_label" in dataset.columns else "label"
+    first = labelled.drop_duplicates("label").sort_values("label")
+    source = {int(r["label"]): int(r[source_column]) for r in first.to_dict("records")}
+    declared = (((manifest or {}).get("stages") or {}).get("extract") or {}).get("summary") or {}
+    declared = declared.get("classes")
+    if isinstance(declared, dict) and declared.get("names") is not None:
+        names = {k: str(v) for k, v in enumerate(declared["names"])}
+        identity = bool(declared.get("identity", True))
+        if identity:
+            source = {k: k for k in names}
+        return Classes(names, identity, source)
+    names = {int(r["label"]): str(r["class_name"]) if pd.notna(r["class_name"]) else str(int(r["label"]))
+             for r in first.to_dict("records")}
+    return Classes(names, list(names) == list(range(len(names))), source)
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -259,9 +352,17 @@ def shortcut_tables(labels, class_names, logits, probed, groups, seed=0, rules=R
         One row per (class, probe), columns ``BIAS_COLUMNS``.
     verdicts : pandas.DataFrame
         One row per class, columns ``VERDICT_COLUMNS``.
+
+    Raises
+    ------
+    ValueError
+        When a label has no output to be read as (check :meth:`Classes.mismatch` first).
     """
     labels = np.asarray(labels, dtype=np.int64)
     logits = np.asarray(logits, dtype=np.float64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= logits.shape[1]):
+        raise ValueError(f"labels {labels.min()}..{labels.max()} cannot be read as the model's "
+                         f"{logits.shape[1]} outputs")
     classes = np.unique(labels)
     boot = Bootstrap(len(labels), rules.n_boot, [int(seed), 0xB1A5], rules.confidence)
     correct = logits.argmax(axis=1) == labels

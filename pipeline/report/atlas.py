@@ -59,9 +59,17 @@ def atlas_cells(xy, acts, labels, grid) -> list[Cell]:
         nearest = members[np.argmin(((acts[members] - centre) ** 2).sum(axis=1))]
         labs = labels[members]
         labs = labs[labs >= 0]
-        label = int(np.bincount(labs).argmax()) if len(labs) else -1
+        label = _mode(labs)
         cells.append(Cell(int(k // grid), int(k % grid), int(nearest), len(members), label))
     return cells
+
+
+def _mode(labels) -> int:
+    """The most common label (the smallest on ties; -1 when empty), without arrays sized by the label."""
+    if not len(labels):
+        return -1
+    values, counts = np.unique(labels, return_counts=True)
+    return int(values[counts.argmax()])
 
 
 def atlas_image(cells, grid, thumbnails, colours, cell_px=48):

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.bias import read_classes
 from pipeline.errors import UserError
 
 STAGE_ORDER = ("extract", "embed", "cluster", "maximize", "probe", "report")
@@ -26,8 +27,9 @@ OPTIONAL = {  # attribute -> run-directory file read directly (not in pipeline.r
 class Predictions:
     """The model's outputs on the analysed images, softmaxed.
 
-    ``aligned`` says whether output ``k`` can be read as class label ``k`` (as many outputs as
-    classes); only then are accuracy, confusion and "most confused" examples meaningful.
+    ``aligned`` says whether output ``k`` can be read as class ``k`` (the class codes are the
+    user's own labels and there are as many outputs as declared classes); only then are accuracy,
+    confusion and "most confused" examples meaningful. Otherwise ``why_not`` says why.
     """
 
     predicted: np.ndarray          # (N,) argmax output
@@ -35,6 +37,7 @@ class Predictions:
     p_label: np.ndarray | None     # (N,) probability of the true label (aligned only; NaN unlabelled)
     n_outputs: int
     aligned: bool
+    why_not: str | None = None     # one clause: why outputs are not read as classes
 
 
 @dataclass
@@ -48,8 +51,9 @@ class ReportData:
     skipped: pd.DataFrame
     layer_names: list
     layer_info: dict
-    class_names: dict              # label -> name (labelled images only)
-    labels: np.ndarray
+    class_names: dict              # code -> name, every declared class (also those without images)
+    labels: np.ndarray             # (N,) class codes, -1 = unlabelled
+    classes: object = None         # pipeline.bias.Classes: also whether codes are the user's labels
     clusters: pd.DataFrame | None = None
     cluster_summary: pd.DataFrame | None = None
     layers: pd.DataFrame | None = None
@@ -71,6 +75,33 @@ class ReportData:
     @property
     def labelled(self) -> bool:
         return bool(self.class_names)
+
+    def class_index(self, values) -> np.ndarray:
+        """Position of each class code in ``class_names``.
+
+        Per-class arrays (palettes, legends) are sized by the number of classes and indexed by
+        this position, never by the code itself: codes of old runs can be sparse (``3000000``).
+
+        Parameters
+        ----------
+        values : array-like of int or float
+            Class codes (labels, predictions, ``top_class``); NaN allowed.
+
+        Returns
+        -------
+        numpy.ndarray of int64
+            Same shape; -1 for unlabelled, NaN or codes that are not a class.
+        """
+        codes = np.fromiter(self.class_names, dtype=np.int64, count=len(self.class_names))
+        order = np.argsort(codes, kind="stable")
+        values = np.asarray(values, dtype=np.float64)
+        out = np.full(values.shape, -1, dtype=np.int64)
+        known = np.isfinite(values)
+        if len(codes) and known.any():
+            v = values[known].astype(np.int64)
+            at = np.clip(np.searchsorted(codes[order], v), 0, len(codes) - 1)
+            out[known] = np.where(codes[order][at] == v, order[at], -1)
+        return out
 
     def class_name(self, label) -> str:
         if label is None or pd.isna(label) or int(label) < 0:
@@ -107,20 +138,20 @@ def load_report_data(run_dir, title=None) -> ReportData:
     manifest = run.manifest or {}
     dataset = run.dataset.reset_index(drop=True)
     labels = dataset["label"].to_numpy().astype(np.int64)
-    names = (dataset[dataset["label"] >= 0].drop_duplicates("label").sort_values("label"))
-    class_names = {int(r.label): str(r.class_name) for r in names.itertuples()}
+    classes = read_classes(dataset, manifest)
     skipped = run.skipped if run.skipped is not None else pd.DataFrame(columns=["path", "reason"])
     data = ReportData(
         run=run, title=title or (manifest.get("config") or {}).get("name") or run.path.name,
         manifest=manifest, dataset=dataset, skipped=skipped,
-        layer_names=run.layer_names, layer_info=run.layers_info, class_names=class_names, labels=labels,
+        layer_names=run.layer_names, layer_info=run.layers_info, class_names=classes.names, labels=labels,
+        classes=classes,
         clusters=run.clusters, cluster_summary=run.cluster_summary, layers=run.layers,
         image_embeddings=run.image_embeddings, neuron_embeddings=run.neuron_embeddings,
         maximize=run.maximize)
     for attr, file in OPTIONAL.items():
         if run.store.exists(file):
             setattr(data, attr, run.store.read_table(file))
-    data.predictions = predictions(run, labels, len(class_names))
+    data.predictions = predictions(run, labels, classes)
     return data
 
 
@@ -131,8 +162,24 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
-def predictions(run, labels, n_classes, rows=8192) -> Predictions | None:
-    """Softmax the stored logits chunk by chunk (memory stays bounded for large runs)."""
+def predictions(run, labels, classes, rows=8192) -> Predictions | None:
+    """The model's predictions, read as classes only when output ``k`` is class ``k``.
+
+    Parameters
+    ----------
+    run : pipeline.run.Run
+    labels : (N,) int
+        Class codes (-1 = unlabelled).
+    classes : pipeline.bias.Classes
+        Decides whether outputs are classes (:meth:`~pipeline.bias.Classes.mismatch`).
+    rows : int
+        Logits softmaxed per chunk, so memory stays bounded for large runs.
+
+    Returns
+    -------
+    Predictions or None
+        None without stored logits, with fewer than 2 outputs, or when they do not cover the images.
+    """
     try:
         logits = run.logits()
     except (KeyError, UserError):
@@ -140,7 +187,8 @@ def predictions(run, labels, n_classes, rows=8192) -> Predictions | None:
     n, k = logits.shape
     if k < 2 or n != len(labels):
         return None
-    aligned = n_classes >= 2 and k == n_classes
+    why_not = classes.mismatch(k)
+    aligned = why_not is None
     predicted, confidence = np.zeros(n, np.int64), np.zeros(n)
     p_label = np.full(n, np.nan) if aligned else None
     for start in range(0, n, rows):
@@ -152,4 +200,4 @@ def predictions(run, labels, n_classes, rows=8192) -> Predictions | None:
             lab = labels[start:start + len(p)]
             ok = lab >= 0
             p_label[start:start + len(p)][ok] = p[np.flatnonzero(ok), lab[ok]]
-    return Predictions(predicted, confidence, p_label, int(k), aligned)
+    return Predictions(predicted, confidence, p_label, int(k), aligned, why_not)

@@ -6,7 +6,9 @@ Drawn by BokehJS in the reader's browser, still from static files:
   installed ``bokeh`` package (no CDN); ``js/explorer.js`` — this report's page logic;
 - ``explorer/<layer>.js`` — per layer page, the Bokeh documents (``bokeh.embed.json_item``; numeric
   columns as base64 typed arrays) and the values the page logic needs (class names, colour
-  options, per-unit images and links), pushed onto ``window.PIPELINE_EXPLORER``;
+  options, per-unit images and links), pushed onto ``window.PIPELINE_EXPLORER``. Class columns
+  hold a class's position in the class list (``ReportData.class_index``), so palettes and names
+  have one entry per class whatever the labels are;
 - ``img/sprites/<k>.jpg`` — the dataset thumbnails shown on hover, ``SHEET`` x ``SHEET`` per
   sheet: a sheet is requested only when a point on it is hovered or selected.
 
@@ -201,28 +203,24 @@ class Explorer:
 
     def _image_colours(self, layer, rows):
         """Colour options for images: ``[(option, column values)]``."""
-        data, site = self.data, self.site
+        data = self.data
         out = []
-        names = data.class_names
-        if names:
-            k = max(names) + 1
-            palette = [_hex(site.colours[c]) if c in site.colours else GREY for c in range(k)]
-            out.append((_categorical("class", "class", palette, [data.class_name(c) for c in range(k)]),
-                        data.labels[rows].astype(np.float32)))
+        if data.class_names:
+            values = data.class_index(data.labels[rows])
+            out.append((self._class_option("class", "class"), values.astype(np.float32)))
         pred = data.predictions
         if pred is not None:
             if pred.aligned:
-                k = max(names) + 1
-                labels = [data.class_name(c) for c in range(k)]
-                palette = [_hex(site.colours[c]) if c in site.colours else GREY for c in range(k)]
+                option = self._class_option("pred", "predicted class")
+                values = data.class_index(pred.predicted[rows])
             else:
                 from pipeline.report.figures import palette as figs_palette
 
                 k = pred.n_outputs
-                labels = [f"output {c}" for c in range(k)]
-                palette = [_hex(c) for c in figs_palette(k)]
-            out.append((_categorical("pred", "predicted class" if pred.aligned else "model output", palette, labels),
-                        pred.predicted[rows].astype(np.float32)))
+                option = _categorical("pred", "model output", [_hex(c) for c in figs_palette(k)],
+                                      [f"output {c}" for c in range(k)])
+                values = pred.predicted[rows]
+            out.append((option, values.astype(np.float32)))
             if pred.aligned:
                 right = np.where(data.labels[rows] >= 0, (pred.predicted[rows] == data.labels[rows]), -1)
                 out.append((_categorical("right", "right or wrong", ["#d62728", "#2ca02c"], ["wrong", "right"],
@@ -240,6 +238,12 @@ class Explorer:
                                      [f"cluster {c}" for c in range(top)], none="no live cluster"),
                         values.astype(np.float32)))
         return out
+
+    def _class_option(self, column, label):
+        """A colour option with one entry per class, in class order (values: :meth:`ReportData.class_index`)."""
+        colours = self.site.colours
+        return _categorical(column, label, [_hex(colours[c]) if c in colours else GREY for c in self.data.class_names],
+                            list(self.data.class_names.values()))
 
     def _strongest_cluster(self, layer, rows, chunk=8192):
         """Per image, the unit cluster with the highest mean z-scored activation (None without data)."""
@@ -283,7 +287,8 @@ class Explorer:
         item, names = _document(columns, list(maps), target, len(rows), kind="images",
                                 first=colours[0][0] if colours else None)
         meta = {"kind": "images", "points": int(len(rows)), "total": self.sample.total, **names,
-                "colours": [o for o, _ in colours], "classes": {str(k): v for k, v in self.data.class_names.items()},
+                "colours": [o for o, _ in colours],
+                "classes": {str(i): v for i, v in enumerate(self.data.class_names.values())},  # by position
                 "sprites": sprites, "pixelated": 0 < self.site.assets.thumb_px < 56}
         return {"target": target, "item": item, "meta": meta}
 
@@ -337,7 +342,7 @@ class Explorer:
 
     def _unit_colours(self, layer, channels, table):
         out = []
-        site, data = self.site, self.data
+        data = self.data
         if table is not None:
             from pipeline.report.figures import cluster_palette
 
@@ -347,11 +352,8 @@ class Explorer:
                                      [f"cluster {c}" for c in range(top)], none="dead / unclustered"),
                         cl.astype(np.float32)))
             if data.class_names and "top_class" in table:
-                k = max(data.class_names) + 1
-                palette = [_hex(site.colours[c]) if c in site.colours else GREY for c in range(k)]
-                values = table["top_class"].to_numpy(np.float64)
-                out.append((_categorical("top_class", "top class", palette, [data.class_name(c) for c in range(k)]),
-                            values.astype(np.float32)))
+                values = data.class_index(table["top_class"].to_numpy(np.float64))
+                out.append((self._class_option("top_class", "top class"), values.astype(np.float32)))
             for col, label in (("class_selectivity", "class selectivity"), ("stability", "stability"),
                                ("mean", "mean activation"), ("max", "max activation")):
                 if col in table:

@@ -40,6 +40,8 @@ class Site:
         self.options = options
         self.layers = _all_layers(data)
         self.max_units, self.max_clusters, self.max_classes = _maximize_lookup(data)
+        if not (data.predictions and data.predictions.aligned):
+            self.max_classes = {}  # output k's image is not class k's: never shown under a class name
         self.colours = dict(zip(data.class_names, figs.palette(len(data.class_names))))
         self.cues = CueLookup(data)  # colour / texture / shape sensitivity per unit and cluster
         self.explorer = None         # set by the build when the interactive maps are written
@@ -156,6 +158,7 @@ def _summary(data):
     if pred is not None and pred.aligned:
         ok = data.labels >= 0
         accuracy = float((pred.predicted[ok] == data.labels[ok]).mean()) if ok.any() else None
+    why_not = pred.why_not if pred is not None and data.labelled else None
     return {"model": cfg.get("model"), "model_name": attrs.get("model"),
             "data": source.get("images") or source.get("npz"), "images": len(data.dataset),
             "labelled": int((data.labels >= 0).sum()), "classes": len(data.class_names),
@@ -163,7 +166,29 @@ def _summary(data):
             "input_size": attrs.get("input_size"), "channels": attrs.get("channels"),
             "scale": attrs.get("scale"), "accuracy": accuracy,
             "outputs": None if pred is None else pred.n_outputs,
-            "aligned": None if pred is None else pred.aligned}
+            "aligned": None if pred is None else pred.aligned, "why_not": sentence(why_not)}
+
+
+def sentence(clause):
+    """A lower-case clause as a sentence; names inside keep their case.
+
+    Parameters
+    ----------
+    clause : str or None
+
+    Returns
+    -------
+    str or None
+        None for an empty clause.
+
+    Examples
+    --------
+    >>> sentence("the images are unlabelled")
+    'The images are unlabelled.'
+    """
+    if not clause:
+        return None
+    return clause[0].upper() + clause[1:] + ("" if clause[-1] in ".!?" else ".")
 
 
 def _stages(data):
@@ -210,7 +235,8 @@ def _class_rows(site):
     rows = []
     for i, (label, name) in enumerate(data.class_names.items()):
         sel = data.labels == label
-        acc = float((pred.predicted[sel] == label).mean()) if pred is not None and pred.aligned else None
+        acc = float((pred.predicted[sel] == label).mean()) if pred is not None and pred.aligned and sel.any() \
+            else None
         rows.append({"name": name, "href": class_page(name), "count": int(sel.sum()), "accuracy": acc,
                      "swatch": i})
     return rows
@@ -230,21 +256,47 @@ def _index_figures(site):
                 vals = part.set_index("layer")["knn_accuracy"].reindex(order)
                 series[f"kNN in {METHOD_NAMES.get(method, method)} map"] = vals.tolist()
         if any(np.isfinite(np.asarray(v, dtype=float)).any() for v in series.values()):
-            counts = np.bincount(data.labels[data.labels >= 0]) if data.labelled else []
-            chance = float(counts.max() / counts.sum()) if len(counts) else None
-            out["depth"] = site.assets.figure(figs.depth_curve(order, series, chance), "depth")
+            out["depth"] = site.assets.figure(figs.depth_curve(order, series, _chance(data)), "depth")
         if "cka" in table and len(order) > 1:
             rows = [r if isinstance(r, (list, np.ndarray)) and len(r) == len(table) else None for r in table["cka"]]
             if all(r is not None for r in rows):
                 out["cka"] = site.assets.figure(figs.cka_heatmap(order, np.array(rows, dtype=float)), "cka")
-    pred = data.predictions
-    if pred is not None and pred.aligned:
-        k = len(data.class_names)
-        ok = data.labels >= 0
-        matrix = np.zeros((k, k), int)
-        np.add.at(matrix, (data.labels[ok], pred.predicted[ok]), 1)
+    matrix = confusion_matrix(data)
+    if matrix is not None:
         out["confusion"] = site.assets.figure(figs.confusion(list(data.class_names.values()), matrix), "confusion")
     return out
+
+
+def _chance(data):
+    """The majority-class rate (None without labelled images)."""
+    labels = data.labels[data.labels >= 0]
+    if not len(labels):
+        return None
+    return float(np.unique(labels, return_counts=True)[1].max() / len(labels))
+
+
+def confusion_matrix(data):
+    """Counts of true class (rows) by predicted class (columns), one row and column per declared class.
+
+    Parameters
+    ----------
+    data : ReportData
+
+    Returns
+    -------
+    numpy.ndarray of shape (K, K) or None
+        In the order of ``data.class_names``. Classes without images keep their (empty) row, so
+        the matrix reads like the class list. None unless the outputs are the classes.
+    """
+    pred = data.predictions
+    if pred is None or not pred.aligned:
+        return None
+    k = len(data.class_names)
+    true, predicted = data.class_index(data.labels), data.class_index(pred.predicted)
+    ok = (true >= 0) & (predicted >= 0)
+    matrix = np.zeros((k, k), int)
+    np.add.at(matrix, (true[ok], predicted[ok]), 1)
+    return matrix
 
 
 def bias_section(site):
@@ -437,6 +489,7 @@ def _class_context(site, label, name):
     pred = data.predictions
     ctx = {"name": name, "label": label, "count": len(members), "aligned": bool(pred and pred.aligned),
            "outputs": None if pred is None else pred.n_outputs, "accuracy": None,
+           "why_not": None if pred is None else sentence(pred.why_not),
            "logit_image": site.max_image(site.max_classes.get(label), f"class-{slug(name)}"),
            "confident": [], "confused": [], "mistaken": [], "predicted_as": [],
            "units": _selective_units(site, label), "clusters": _class_clusters(site, label)}

@@ -15,7 +15,9 @@ extract stage's ``mean``), the projection on the cluster direction (``centroid /
 cluster stage's centroids live in z-scored space), or the class logit. ``score`` = activation /
 dataset max (NaN with ``score_valid`` False where the dataset max is ≤ ~0); ``z_score`` =
 (activation − dataset mean) / dataset std. ``probability`` (class images only) is the model's
-softmax probability of the class on the image.
+softmax probability of the class on the image. ``class_name`` is set only when output ``k`` is
+class ``k`` (the class codes are the user's own labels and there are as many outputs as declared
+classes: :meth:`pipeline.bias.Classes.mismatch`); otherwise it is empty and the image is output ``k``.
 
 Class images maximise the class's log-probability rather than its bare logit: on the demo model
 raising the 'triangle' logit raises the 'cross' logit faster, so a logit-only image is classified
@@ -46,7 +48,8 @@ COLUMNS = ["kind", "layer", "channel", "cluster", "class", "class_name", "seed",
            "params_hash"]
 _INT_COLUMNS = ("channel", "cluster", "class")
 MODULES = ("pipeline.maximize.render", "pipeline.maximize.params", "pipeline.maximize.transforms",
-           "pipeline.maximize.objectives", "pipeline.maximize.quality", "pipeline.maximize.plan")
+           "pipeline.maximize.objectives", "pipeline.maximize.quality", "pipeline.maximize.plan",
+           "pipeline.bias")  # bias: which outputs are which classes (the class images' names)
 
 
 def _params(cfg):
@@ -197,13 +200,25 @@ def _class_group(ctx, root):
     from pipeline.maximize.objectives import LOGITS
 
     logits = root["logits"]
-    names = {}
-    if ctx.store.exists("dataset.parquet"):
-        ds = ctx.store.read_table("dataset.parquet")
-        if {"label", "class_name"} <= set(ds.columns):
-            names = {int(k): str(v) for k, v in zip(ds["label"], ds["class_name"]) if int(k) >= 0 and v}
-    targets = plan.class_targets(int(logits.shape[1]), ctx.cfg.seed, names)
+    targets = plan.class_targets(int(logits.shape[1]), ctx.cfg.seed, _output_names(ctx, int(logits.shape[1])))
     return _Group(plan.CLASSES, LOGITS, targets, quality.column_stats(logits), "logits")
+
+
+def _output_names(ctx, n_outputs):
+    """``{output: class name}`` when output ``k`` is class ``k``; else empty (images stay "output k")."""
+    from pipeline.bias import read_classes
+
+    if not ctx.store.exists("dataset.parquet"):
+        return {}
+    ds = ctx.store.read_table("dataset.parquet")
+    if not {"label", "class_name"} <= set(ds.columns):
+        return {}
+    classes = read_classes(ds, ctx.store.read_json("manifest.json", default={}))
+    why = classes.mismatch(n_outputs)
+    if why:
+        ctx.log(f"maximize: class images are named by output number: {why}")
+        return {}
+    return classes.names
 
 
 # -- resuming and rendering --
@@ -399,7 +414,8 @@ def _index(groups, done, params_hash):
         tables.append(pd.DataFrame({
             "kind": kinds, "layer": got["layer"].to_numpy(),
             "channel": np.where(kinds == "unit", idx, -1), "cluster": np.where(kinds == "cluster", idx, -1),
-            "class": np.where(kinds == "class", idx, -1), "class_name": got["class_name"].to_numpy(),
+            "class": np.where(kinds == "class", idx, -1),
+            "class_name": [g.targets[i].class_name for i in keep],
             "seed": got["seed"].to_numpy(np.int64), "activation": got["activation"].to_numpy(),
             "dataset_max": stats.max, "score": score, "z_score": z, "score_valid": valid,
             "dataset_mean": stats.mean, "dataset_std": stats.std, "reduction": g.reduction,

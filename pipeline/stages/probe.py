@@ -19,9 +19,11 @@ Writes
 ``probes/``                ``examples.png`` (rows: example images; columns: original, each probe),
                            ``<probe>.png`` (the same examples under one probe), ``index.parquet``
 
-Unlabelled images (or labels the model's outputs cannot be matched to) skip the class tables,
-which are then written empty, with the reason logged and in the manifest summary; unit
-sensitivities are computed in every case.
+Unlabelled images, or classes the model's outputs cannot be read as (output ``k`` is class ``k``
+only when the class codes are the user's own labels and there are as many outputs as declared
+classes: :meth:`pipeline.bias.Classes.mismatch`), skip the class tables, which are then written
+empty, with the reason logged and in the manifest summary (``class_metrics``); unit sensitivities
+are computed in every case.
 """
 from __future__ import annotations
 
@@ -50,15 +52,31 @@ def sample_rows(labels, max_images, seed) -> np.ndarray:
     return stratified_sample(np.asarray(labels), max_images, seed)
 
 
-def class_support(labels, n_outputs):
-    """``None`` when per-class metrics can be computed, else the reason they cannot."""
+def class_support(labels, n_outputs, classes=None):
+    """``None`` when per-class metrics can be computed, else the reason they cannot.
+
+    Parameters
+    ----------
+    labels : array of int
+        Class codes of the probed images (-1 = unlabelled).
+    n_outputs : int
+        Width of the model's logits.
+    classes : pipeline.bias.Classes, optional
+        The run's classes (:func:`pipeline.bias.read_classes`); without it, the distinct labels.
+
+    Returns
+    -------
+    str or None
+    """
+    from pipeline.bias import Classes
+
     labels = np.asarray(labels)
     if not (labels >= 0).any():
         return "the images are unlabelled"
-    if labels.max() >= n_outputs:
-        return (f"labels go up to {labels.max()} but the model has {n_outputs} outputs: "
-                "classes cannot be matched to outputs")
-    return None
+    if classes is None:
+        present = [int(v) for v in np.unique(labels[labels >= 0])]
+        classes = Classes({k: str(k) for k in present}, present == list(range(len(present))))
+    return classes.mismatch(n_outputs)
 
 
 def run(ctx):
@@ -82,7 +100,8 @@ def run(ctx):
     store.write_table("probe_units.parquet", units.table(groups))
 
     labels = dataset["label"].to_numpy()[rows]
-    why_not = class_support(labels, logits.shape[1])
+    classes = bias.read_classes(dataset, store.read_json("manifest.json", default={}))
+    why_not = class_support(labels, logits.shape[1], classes)
     summary = {"images": int(len(rows)), "probes": [p.name for p in active],
                "not_applicable": sorted(skipped)}
     if why_not:
@@ -90,7 +109,7 @@ def run(ctx):
         table, verdicts = pd.DataFrame(columns=bias.BIAS_COLUMNS), pd.DataFrame(columns=bias.VERDICT_COLUMNS)
         summary["class_metrics"] = f"skipped: {why_not}"
     else:
-        table, verdicts = _class_tables(ctx, dataset, rows, labels, logits, probed, groups, skipped)
+        table, verdicts = _class_tables(ctx, classes, labels, logits, probed, groups, skipped)
         summary["verdicts"] = {r["class_name"]: r["verdict"] for r in verdicts.to_dict("records")}
     store.write_table("bias.parquet", table)
     store.write_table("bias_verdicts.parquet", verdicts)
@@ -122,16 +141,14 @@ def _model(ctx):
     return model, names, {n: infos[n]["kind"] for n in names}, size, channels
 
 
-def _class_tables(ctx, dataset, rows, labels, logits, probed, groups, skipped):
+def _class_tables(ctx, classes, labels, logits, probed, groups, skipped):
     from pipeline import bias
 
     cfg = ctx.cfg
     keep = labels >= 0
-    names = (dataset.iloc[rows][keep].drop_duplicates("label").set_index("label")["class_name"]
-             .astype(str).to_dict())
     rules = bias.Rules.from_config(cfg.probe)
     sub = {k: v[keep] for k, v in probed.items()}
-    return bias.shortcut_tables(labels[keep], names, logits[keep], sub, groups, cfg.seed, rules, skipped)
+    return bias.shortcut_tables(labels[keep], classes.names, logits[keep], sub, groups, cfg.seed, rules, skipped)
 
 
 def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes):
