@@ -219,8 +219,8 @@ def drop_sessions():
 def describe_model(job, model_key) -> dict:
     """Load the model on a worker and say what the client needs to lay out the store."""
     sess = _session(job, model_key)
-    bs = sess.cfg.extract.batch_size
-    arrays, _ = sess.run_batch(np.zeros((bs, *sess.size, sess.channels), np.uint8), 0)
+    bs = min(sess.cfg.extract.batch_size, 64)  # only shapes are needed: a large batch_size must not cost memory here
+    arrays, _ = sess.run_batch(np.zeros((bs, *sess.size, sess.channels), np.uint8), 0, bs)
     extra = {k: (list(arrays[k].shape[1:]), "float32" if k == "logits" else "uint8")
              for k in ("logits", "thumbnails") if k in arrays}
     return {"layers": list(sess.model.layers), "name": sess.model.name, "names": sess.names,

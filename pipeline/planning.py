@@ -99,27 +99,15 @@ def gigabytes(n) -> str:
 
 def count_images(data_cfg):
     """``(number of images, number of classes)`` the run will use, without decoding any image."""
+    from pipeline import images
+
     if data_cfg.npz:
-        n, classes = _npz_rows(data_cfg.npz), 0
+        with images.open_npz(data_cfg.npz, data_cfg.max_pixels) as x:  # headers only: nothing decompressed
+            n, classes = len(x), 0
     else:
-        from pipeline.images import list_classes, list_image_folder
-
-        n = len(list_image_folder(data_cfg.images)[0])
-        classes = len(list_classes(data_cfg.images))
+        n = len(images.list_image_folder(data_cfg.images, data_cfg.follow_symlinks)[0])
+        classes = len(images.list_classes(data_cfg.images))
     return (min(n, data_cfg.limit) if data_cfg.limit and n else n), classes
-
-
-def _npz_rows(path):
-    """Rows of ``x`` in an .npz, read from the array header only (nothing is decompressed)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf, zf.open("x.npy") as f:
-            version = np.lib.format.read_magic(f)
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return int(reader(f)[0][0])
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return 0
 
 
 # --------------------------------------------------------------------------- measuring
@@ -157,7 +145,7 @@ class Warmup:
     device: str
 
 
-def warm_up(model, names, kinds, size, channels, cfg) -> Warmup:
+def warm_up(model, names, kinds, size, channels, cfg, n_images=None) -> Warmup:
     """Time one compiled forward batch and one forward+backward batch (an act-max step) on ``model``."""
     import tensorflow as tf
 
@@ -165,7 +153,7 @@ def warm_up(model, names, kinds, size, channels, cfg) -> Warmup:
     from pipeline.forward import make_forward
     from pipeline.tfsetup import gpus
 
-    bs = cfg.extract.batch_size
+    bs = min(cfg.extract.batch_size, n_images or cfg.extract.batch_size)  # extract never pads beyond N
     forward = make_forward(model.build_extractor(names), kinds, cfg.extract.reduce, parse_scale(cfg.data.scale))
     pixels = np.random.default_rng(0).integers(0, 256, (bs, *size, channels), dtype=np.uint8)
     compile_fwd, t_fwd = _twice(lambda: forward(pixels))
@@ -358,7 +346,7 @@ def plan_run(cfg, stages, clusters_per_layer=None) -> Plan:
             n_classes = int(model.layers[-1].output_shape[-1]) if model.layers[-1].output_shape else 0
         except (TypeError, IndexError):
             n_classes = 0
-    warm = warm_up(model, names, layer_kinds(model, names), size, channels, cfg)
+    warm = warm_up(model, names, layer_kinds(model, names), size, channels, cfg, n_images)
     return make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clusters_per_layer)
 
 

@@ -273,3 +273,26 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
     path.write_bytes(b"model: m\xff.keras\n")
     with pytest.raises(UserError, match="not UTF-8"):
         load_config(path)
+
+
+def test_a_batch_size_larger_than_the_dataset_is_not_padded_up_to(tmp_path, setup, monkeypatch):
+    """``extract.batch_size: 8192`` with 9 images runs one batch of 9, not 8192 rows of padding."""
+    import pipeline.stages.extract as extract
+
+    root, model = setup
+    seen = []
+
+    def recording(*args, **kwargs):
+        forward = make_forward(*args, **kwargs)
+
+        def run(pixels, *rest):
+            seen.append(len(pixels))
+            return forward(pixels, *rest)
+        return run
+
+    make_forward = extract.make_forward
+    monkeypatch.setattr(extract, "make_forward", recording)
+    path = write_config(tmp_path, model, root / "images", extract={"batch_size": 8192})
+    assert main(["run", str(path), "--only", "extract"]) == 0
+    assert seen == [9]
+    assert load_run(tmp_path / "run").activations(load_run(tmp_path / "run").layer_names[0])[:].shape[0] == 9

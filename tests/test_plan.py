@@ -3,6 +3,7 @@ import yaml
 
 import zoo
 from pipeline.cli import main
+from pipeline.config import DataConfig
 from pipeline.planning import Plan, StageEstimate, count_images
 
 
@@ -69,13 +70,11 @@ def test_image_count_honours_limit_without_decoding(tmp_path):
     zoo.image_folder(tmp_path / "images", per_class=4)
     (tmp_path / "images" / "a" / "broken.png").write_bytes(b"not a png")
 
-    class Data:
-        npz, images, limit = None, str(tmp_path / "images"), None
-
-    n, classes = count_images(Data)
+    data = DataConfig(images=str(tmp_path / "images"))
+    n, classes = count_images(data)
     assert classes >= 2 and n == 4 * classes + 1
-    Data.limit = 5
-    assert count_images(Data)[0] == 5
+    data.limit = 5
+    assert count_images(data)[0] == 5
 
 
 def test_a_budget_sizes_batches_so_the_last_one_fits_and_then_stops():

@@ -217,9 +217,10 @@ def chunk_groups(n, ex) -> list[tuple[int, int]]:
 
 
 def _batch_runner(cfg, model, names, kinds, size):
-    """``run_batch(pixels, start) -> (arrays, bad)``: the compiled forward pass of one batch.
+    """``run_batch(pixels, start, n) -> (arrays, bad)``: the compiled forward pass of one batch.
 
-    The last batch is padded to the batch size so the compiled graph is reused, not retraced.
+    The last batch is padded to the batch size so the compiled graph is reused, not retraced;
+    never beyond ``n``, the number of images (6 images with ``batch_size: 8192`` are one batch of 6).
     """
     ex = cfg.extract
     bs = ex.batch_size
@@ -235,10 +236,10 @@ def _batch_runner(cfg, model, names, kinds, size):
         return [spatial_positions(cfg.seed, li, range(start, start + bs), shapes[l][0], shapes[l][1],
                                   ex.spatial_samples) for li, l in maps]
 
-    def run_batch(pixels, start):
-        valid = len(pixels)
-        if valid < bs:  # pad the last batch so the compiled graph is reused, not retraced
-            pad = np.zeros((bs - valid, *pixels.shape[1:]), pixels.dtype)
+    def run_batch(pixels, start, n):
+        valid, target = len(pixels), min(bs, n)
+        if valid < target:  # pad the last batch so the compiled graph is reused, not retraced
+            pad = np.zeros((target - valid, *pixels.shape[1:]), pixels.dtype)
             pixels = np.concatenate([pixels, pad])
         positions = positions_for(start)
         arrays, bad = forward(pixels, positions, valid)
@@ -289,7 +290,7 @@ def stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, wr
     parts, bad_total = {}, {}
     for g, start, pixels in data:
         g, start, pixels = int(g), int(start), pixels.numpy()
-        arrays, bad = run_batch(pixels, start)
+        arrays, bad = run_batch(pixels, start, n)
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
         for k, v in bad.items():
