@@ -212,7 +212,7 @@ def test_export_out_refuses_a_users_folder(tmp_path, setup, capsys):
 
 # --------------------------------------------------------------------------- random configs (property-based)
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from pipeline.config import Config, load_config, make_config, parse_scale  # noqa: E402
@@ -296,3 +296,158 @@ def test_a_batch_size_larger_than_the_dataset_is_not_padded_up_to(tmp_path, setu
     assert main(["run", str(path), "--only", "extract"]) == 0
     assert seen == [9]
     assert load_run(tmp_path / "run").activations(load_run(tmp_path / "run").layer_names[0])[:].shape[0] == 9
+
+
+# --------------------------------------------------------------------------- the corpus: bad data, end to end
+
+import zipfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+from numpy.lib import format as npy  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def crafted_npz(path, shape, dtype="|u1", data=b"", extra=None):
+    """An ``.npz`` whose ``x`` header declares ``shape`` (whatever the data really holds)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("x.npy", "w", force_zip64=True) as member:
+            npy.write_array_header_1_0(member, {"descr": dtype, "fortran_order": False, "shape": shape})
+            member.write(data)
+        for name, array in (extra or {}).items():
+            with archive.open(f"{name}.npy", "w") as member:
+                npy.write_array(member, np.asarray(array))
+    return path
+
+
+def pngs(folder, n, colour=(90, 120, 200)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (20, 20), tuple((c + 17 * i) % 256 for c in colour)).save(folder / f"{i}.png")
+
+
+def case_npz_bomb(user):
+    """656 KB-style file declaring one 15000×15000×3 image."""
+    return {"npz": str(crafted_npz(user / "bomb.npz", (1, 15000, 15000, 3), data=bytes(4096)))}
+
+
+def case_npz_terabytes(user):
+    return {"npz": str(crafted_npz(user / "tb.npz", (30_000_000_000, 10, 10, 1), data=bytes(1000)))}
+
+
+def case_npz_sparse_labels(user):
+    x = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
+    np.savez(user / "sparse.npz", x=x, y=np.array([0, 1, 3000000] * 3))
+    return {"npz": str(user / "sparse.npz")}
+
+
+def case_non_utf8_name(user):
+    for name in ("a", "b"):
+        pngs(user / "imgs" / name, 3)
+    Image.new("RGB", (20, 20)).save(os.fsdecode(bytes(user / "imgs" / "a") + b"/bad\xff.png"))
+    return {"images": str(user / "imgs")}
+
+
+def case_empty_class_folder(user):
+    pngs(user / "imgs" / "a", 3)
+    (user / "imgs" / "b").mkdir()
+    pngs(user / "imgs" / "c", 3, colour=(10, 200, 40))
+    return {"images": str(user / "imgs")}
+
+
+def case_symlinks_out_and_to_root(user):
+    pngs(user / "imgs" / "a", 3)
+    pngs(user / "private", 2, colour=(250, 0, 0))
+    (user / "imgs" / "b").symlink_to(user / "private", target_is_directory=True)
+    (user / "imgs" / "root").symlink_to("/", target_is_directory=True)
+    (user / "imgs" / "a" / "secret.png").symlink_to(user / "private" / "0.png")
+    return {"images": str(user / "imgs")}
+
+
+# Each case and how it must end: 2 = refused in one line before any work, 0 = analysed with the bad
+# parts recorded in skipped.csv (the reason given) and a report that builds.
+CORPUS = {case_npz_bomb: (2, "possible decompression bomb"), case_npz_terabytes: (2, "TiB"),
+          case_npz_sparse_labels: (0, None), case_non_utf8_name: (0, "file name is not valid UTF-8"),
+          case_empty_class_folder: (0, None), case_symlinks_out_and_to_root: (0, "symlink leads outside the image folder")}
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.__name__[5:])
+def test_bad_data_ends_in_a_report_or_one_line_and_touches_nothing_of_the_user(tmp_path, setup, capsys, case):
+    _, model = setup
+    user = tmp_path / "user"
+    user.mkdir()
+    data = case(user)
+    before = snapshot(user)
+    path = write_config(tmp_path, model, None, data=data, layers=["conv_a", "conv_b"])
+    codes = []
+    for stage in ("extract", "cluster", "report"):
+        codes.append(main([stage, str(path)]))
+        if codes[-1]:
+            break
+    err = capsys.readouterr().err
+    code, reason = CORPUS[case]
+    assert codes[-1] == code and "internal error" not in err and "Traceback" not in err, err
+    if code == 2:
+        assert [l for l in err.splitlines() if l.startswith("error:")] == [err.strip().splitlines()[-1]]
+        assert reason in err
+    elif reason:
+        assert reason in " ".join(load_run(tmp_path / "run").skipped["reason"])
+    assert snapshot(user) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) in (["c.yaml", "user"], ["c.yaml", "report", "run", "user"],
+                                                         ["c.yaml", "run", "user"])
+    if codes[-1] == 0:
+        run = load_run(tmp_path / "run")
+        used = " ".join(run.dataset["path"].astype(str))
+        assert "private" not in used and "secret" not in used  # nothing from outside the folder
+        size = sum(p.stat().st_size for p in (tmp_path / "report").rglob("*") if p.is_file())
+        assert size < 5e6
+
+
+# --------------------------------------------------------------------------- random .npz headers (property-based)
+
+NPZ_DTYPES = ["|u1", "|u1", "<f4", "<f8", "<i8", "|b1", ">u2", "<c8", "<U3", "|V8", "|O", "<M8[s]"]
+
+
+@st.composite
+def npz_files(draw):
+    if draw(st.booleans()):  # a plausible image stack: (N, H, W[, C]) with small sizes
+        shape = tuple(draw(st.tuples(st.integers(0, 6), st.integers(1, 12), st.integers(1, 12))))
+        shape += tuple(draw(st.sampled_from([(), (1,), (3,), (4,), (2,)])))
+    else:
+        dims = draw(st.integers(0, 5))
+        shape = tuple(draw(st.lists(st.one_of(st.integers(0, 40), st.integers(0, 2**45)),
+                                    min_size=dims, max_size=dims)))
+    y = draw(st.one_of(st.none(), st.lists(st.integers(-3, 2**40), min_size=0, max_size=12)))
+    dtype = draw(st.sampled_from(NPZ_DTYPES))
+    declared = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+    if declared <= 20000 and draw(st.booleans()):  # half the small ones are honest files
+        return shape, dtype, draw(st.binary(min_size=declared, max_size=declared)), y
+    return shape, dtype, draw(st.binary(max_size=3000)), y
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(npz_files())
+def test_any_npz_header_is_used_or_refused_in_one_line_with_flat_memory(tmp_path_factory, spec):
+    import tracemalloc
+
+    from pipeline.config import DataConfig
+    from pipeline.dataset import build_dataset, pixel_loader
+
+    shape, dtype, data, y = spec
+    extra = {} if y is None else {"y": np.array(y, dtype=np.int64)}
+    path = crafted_npz(tmp_path_factory.mktemp("npz") / "x.npz", shape, dtype, data, extra)
+    cfg = DataConfig(npz=str(path))
+    tracemalloc.start()
+    try:
+        dataset, _, _ = build_dataset(cfg, (8, 8), 3, seed=0)
+        load = pixel_loader(cfg, dataset, (8, 8), 3)
+        for start in range(0, len(dataset), 4):
+            assert load(np.arange(start, min(start + 4, len(dataset)))).shape[1:] == (8, 8, 3)
+        event("used")
+    except UserError as exc:
+        event("refused")
+        assert str(exc) and "\n" not in str(exc)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 32 << 20  # whatever the header declares, memory follows the file, not the claim
