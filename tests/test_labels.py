@@ -9,8 +9,9 @@ are the user's labels (``identity``) and there are as many outputs as declared c
 the report says why in one sentence, and everything that uses labels only as targets (maps
 coloured by class, clusters, unit sensitivities) still works.
 
-Each run here is tiny: a 3-output Keras model built in code, 16 px images, extract + cluster +
-probe, made-up embeddings and maximization rows (as in ``test_report``), then the report.
+Each run here is tiny: a 3-output Keras model built in code, 16 px images, the real extract,
+cluster and probe stages, made-up embeddings and maximization rows (as in ``test_report``), then the
+report; older runs (no class list, the user's labels in ``label``) are made from them.
 """
 import json
 import re
@@ -40,19 +41,12 @@ MB = 1_000_000
 # ---------------------------------------------------------------- building runs
 
 
-def run_and_report(root, data, model, contract):
-    """Extract, (the class list when the extract stage did not write it), cluster, probe, report.
-
-    ``contract`` is ``(names, identity)``: what the extract stage records. Written here only for an
-    extract stage that predates it, so the same tests check the report's side on either.
-    Returns ``(cfg, report folder)``.
-    """
+def run_and_report(root, data, model):
+    """Extract, cluster, probe, made-up embeddings and maximization rows, report: ``(cfg, report folder)``."""
     raw = {"name": root.name, "out": str(root / "run"), "model": model, "data": data,
            "cluster": {"bootstrap": 2}, "probe": {"bootstrap": 100}}
     (root / "c.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(root / "c.yaml")
-    Runner(cfg, [extract.STAGE]).run()
-    ensure_class_list(cfg.out_dir, *contract)
     Runner(cfg, [extract.STAGE, cluster.STAGE]).run()
     add_embeddings_and_maximize(cfg.out_dir)
     Runner(cfg, [extract.STAGE, probe.STAGE]).run(only="probe")
@@ -61,22 +55,12 @@ def run_and_report(root, data, model, contract):
     return cfg, out
 
 
-def ensure_class_list(run_dir, names, identity):
-    """Dense codes, ``source_label`` and the manifest's class list, unless the extract stage wrote them."""
-    store = RunStore(run_dir)
-    manifest = store.read_json("manifest.json")
-    summary = manifest["stages"]["extract"].setdefault("summary", {})
-    if "classes" in summary:
-        return
-    dataset = store.read_table("dataset.parquet")
-    given = dataset["label"].to_numpy()
-    dataset["source_label"] = given.astype(np.int64)
-    if not identity:
-        codes = {v: i for i, v in enumerate(sorted(set(given[given >= 0].tolist())))}
-        dataset["label"] = np.array([codes.get(v, -1) for v in given], dtype=np.int64)
-    summary["classes"] = {"names": list(names), "identity": bool(identity)}
-    store.write_table("dataset.parquet", dataset)
-    store.write_json("manifest.json", manifest)
+def class_list(cfg):
+    """What the extract stage recorded: ``(names, identity)`` and the dataset's ``(label, source_label)`` pairs."""
+    store = RunStore(cfg.out_dir)
+    listed = store.read_json("manifest.json")["stages"]["extract"]["summary"]["classes"]
+    rows = store.read_table("dataset.parquet").drop_duplicates("label").sort_values("label")
+    return (listed["names"], listed["identity"]), list(zip(rows["label"], rows["source_label"]))
 
 
 def as_old_run(run_dir):
@@ -129,11 +113,12 @@ def empty_class(tmp_path_factory):
     zoo.image_folder(root / "images", classes=("a", "c"), per_class=6, size=16)
     (root / "images" / "b").mkdir()
     model = zoo.save(zoo.sequential(classes=3), root / "model", "keras")
-    return run_and_report(root, {"images": str(root / "images")}, model, (["a", "b", "c"], True))
+    return run_and_report(root, {"images": str(root / "images")}, model)
 
 
 def test_an_empty_class_folder_is_a_class_without_images(empty_class):
     cfg, report = empty_class
+    assert class_list(cfg) == ((["a", "b", "c"], True), [(0, 0), (2, 2)])
     data = load_report_data(cfg.out_dir)
     assert data.class_names == {0: "a", 1: "b", 2: "c"}
     assert sorted(set(data.labels.tolist())) == [0, 2]
@@ -177,11 +162,12 @@ def sparse(tmp_path_factory):
     root = tmp_path_factory.mktemp("sparse")
     data = npz_data(root, np.repeat([0, 1, 3000000], 8))
     model = zoo.save(zoo.sequential(classes=3), root / "model", "keras")
-    return run_and_report(root, data, model, (["0", "1", "3000000"], False))
+    return run_and_report(root, data, model)
 
 
 def test_sparse_labels_are_coded_densely_and_not_read_as_outputs(sparse):
     cfg, report = sparse
+    assert class_list(cfg) == ((["0", "1", "3000000"], False), [(0, 0), (1, 1), (2, 3000000)])
     data = load_report_data(cfg.out_dir)
     assert list(data.class_names) == [0, 1, 2] and sorted(set(data.labels.tolist())) == [0, 1, 2]
     assert not data.predictions.aligned and data.predictions.p_label is None
@@ -239,11 +225,12 @@ def identity(tmp_path_factory):
     root = tmp_path_factory.mktemp("identity")
     data = npz_data(root, np.repeat([0, 1, 2], 8))
     model = zoo.save(zoo.sequential(classes=3), root / "model", "keras")
-    return run_and_report(root, data, model, (["0", "1", "2"], True))
+    return run_and_report(root, data, model)
 
 
 def test_labels_that_are_the_outputs_are_still_matched(identity):
     cfg, report = identity
+    assert class_list(cfg) == ((["0", "1", "2"], True), [(0, 0), (1, 1), (2, 2)])
     data = load_report_data(cfg.out_dir)
     pred = data.predictions
     assert pred.aligned and pred.why_not is None
@@ -324,3 +311,19 @@ def test_every_page_opens_cleanly_in_chromium(fixture, request, browser):
     for page in sorted(report.glob("*.html")):
         found = browser.check(page.resolve().as_uri(), inside)
         assert (found["console"], found["broken"], found["outside"]) == ([], [], []), (page.name, found)
+
+
+@pytest.mark.parametrize("fixture, names", [("identity", ["0", "1", "2"]), ("sparse", [None, None, None])])
+def test_the_maximize_stage_names_class_images_only_when_outputs_are_classes(fixture, names, request, tmp_path):
+    import shutil
+
+    cfg, _ = request.getfixturevalue(fixture)
+    shutil.copytree(cfg.out_dir, tmp_path / "run")
+    raw = yaml.safe_load((cfg.out_dir.parent / "c.yaml").read_text())
+    raw.update(out=str(tmp_path / "run"),
+               maximize={"steps": 4, "batch_size": 4, "units": [], "clusters": False, "max_seconds": None})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    Runner(load_config(tmp_path / "c.yaml"), [extract.STAGE, cluster.STAGE, maximize.STAGE]).run(only="maximize")
+    index = pd.read_parquet(tmp_path / "run" / "maximize" / "index.parquet")
+    classes = index[index["kind"] == "class"].sort_values("class")
+    assert list(classes["class"]) == [0, 1, 2] and list(classes["class_name"]) == names
