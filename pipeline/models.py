@@ -2,7 +2,9 @@
 
 Keras files (``.keras``, ``.h5``) are inspected *before* loading: a Lambda layer or a class that is
 not part of Keras means loading would run the author's code, so it is refused unless the user
-passes ``--trust-model``. SavedModel directories are handled by :mod:`pipeline.savedmodel`.
+passes ``--trust-model``; so is any Keras file when the installed Keras has known ``safe_mode``
+bypasses. SavedModel directories are programs: their graph is checked by :mod:`pipeline.graphscan`
+and loaded by :mod:`pipeline.savedmodel`.
 """
 from __future__ import annotations
 
@@ -11,15 +13,25 @@ import contextlib
 import fnmatch
 import importlib
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
 
 from pipeline.autolayers import LEARNED_TYPES as AUTO_TYPES  # noqa: F401 (the small-model auto rule)
 from pipeline.errors import UnsafeModelError, UserError
+from pipeline.graphscan import check_saved_model, printable
 from pipeline.modelinfo import LayerInfo, analysable_shape
 
 _SOFTMAX_NAMES = {"softmax"}
+# Markers Keras writes without a module for plain values (tensors' shapes, tuples, bytes...).
+_VALUE_MARKERS = frozenset({"__keras_tensor__", "__tuple__", "__bytes__", "__slice__", "__ellipsis__",
+                            "__numpy__", "__tensor__"})
+# The one non-Keras (module, class) Keras 3.15 writes: a loss/metric/activation function saved by
+# name (compile configs), which Keras resolves among its own functions only. It never writes numpy.
+_PLAIN_OBJECTS = frozenset({("builtins", "function")})
+# safe_mode bypasses: CVE-2025-1550 (< 3.9), CVE-2025-12060, CVE-2026-1462 (< 3.14).
+SAFE_KERAS = (3, 14)
 NO_LAYER = "no analysable layer found (run `python -m pipeline layers MODEL`)"
 
 
@@ -61,31 +73,50 @@ def read_keras_config(path) -> dict:
 def unsafe_parts(config, known_classes=None) -> list[str]:
     """Names of layers/objects in a Keras config that would run user code when deserialised.
 
+    A class passes when its module is Keras' own package (``keras`` or ``keras.*``, compared
+    exactly: ``kerasevil`` does not pass), or it is a function Keras saved by name under
+    ``builtins``, or it is one of Keras' module-less value markers (``__keras_tensor__`` ...).
+
     Parameters
     ----------
     config : dict
         Architecture JSON from :func:`read_keras_config`.
     known_classes : set of str, optional
         Class names Keras provides; needed for legacy ``.h5`` configs, which carry no module.
+        Without it a module-less class other than a value marker is refused.
+
+    Returns
+    -------
+    list of str
+        Sorted descriptions such as ``"Lambda layer 'double'"``; empty when the config is safe.
     """
+    found = {what for node in class_nodes(config) if (what := _unsafe_node(node, known_classes))}
+    return sorted(found)
 
-    def describe(node):
-        cls = node["class_name"]
-        module = str(node.get("module") or "")
-        inner = node.get("config")
-        name = inner.get("name", cls) if isinstance(inner, dict) else cls
-        if cls == "Lambda":
-            return f"Lambda layer '{name}'"
-        if cls == "__lambda__":
-            return "a stored Python function"
-        if module and not module.startswith(("keras", "builtins", "numpy")):
-            return f"custom object '{cls}' (module '{module}')"
-        if not module and known_classes is not None and cls not in known_classes:
-            return f"custom object '{cls}'"
+
+def _unsafe_node(node, known_classes):
+    """Why one serialised object is refused, in words; None when it is Keras' own."""
+    cls = node["class_name"]
+    module = node.get("module")
+    inner = node.get("config")
+    name = inner.get("name", cls) if isinstance(inner, dict) else cls
+    if cls == "Lambda":
+        return f"Lambda layer '{printable(name)}'"
+    if cls == "__lambda__":
+        return "a stored Python function"
+    if cls == "TFSMLayer":  # Keras >= 3.14 refuses it in safe_mode too; say why here
+        return f"TFSMLayer '{printable(name)}' (loads a SavedModel from a path in the file)"
+    if module:
+        if isinstance(module, str) and (_keras_module(module) or (module, cls) in _PLAIN_OBJECTS):
+            return None
+        return f"custom object '{printable(cls)}' (module '{printable(module)}')"
+    if cls in _VALUE_MARKERS or (known_classes is not None and cls in known_classes):
         return None
+    return f"custom object '{printable(cls)}'"
 
-    found = [what for node in class_nodes(config) if (what := describe(node))]
-    return sorted(set(found))
+
+def _keras_module(module) -> bool:
+    return module == "keras" or module.startswith("keras.")
 
 
 def class_nodes(node):
@@ -116,15 +147,78 @@ def _keras_class_names() -> set:
 
 
 def check_safe(path, trust_model: bool) -> None:
-    """Refuse a model whose loading would run its author's code, unless trusted."""
-    if trust_model or model_kind(path) == "savedmodel":
+    """Refuse a model whose loading would run its author's code, unless trusted.
+
+    Reads the file as data only; called by the CLI before anything is written, and by
+    :func:`load_model`.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.keras``/``.h5`` file or SavedModel directory.
+    trust_model : bool
+        ``--trust-model``: skip every check.
+
+    Raises
+    ------
+    UnsafeModelError
+        Lambda layers or custom objects in a Keras file, or ops outside the allowlist in a
+        SavedModel (:func:`pipeline.graphscan.check_saved_model`).
+    UserError
+        The file cannot be read, or Keras is older than 3.14 (known ``safe_mode`` bypasses).
+    """
+    if trust_model:
         return
-    known = _keras_class_names() if model_kind(path) == "h5" else None
+    kind = model_kind(path)
+    if kind == "savedmodel":
+        check_saved_model(path)
+        return
+    check_keras_version()
+    known = _keras_class_names() if kind == "h5" else None
     bad = unsafe_parts(read_keras_config(path), known)
     if bad:
         raise UnsafeModelError(
             f"model {Path(path).name} contains {', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}: "
             "loading it runs code from the file; pass --trust-model (or trust_model: true) if you trust it")
+
+
+def check_keras_version(installed=None) -> None:
+    """Refuse to load an untrusted Keras file with a Keras whose ``safe_mode`` can be bypassed.
+
+    Parameters
+    ----------
+    installed : str, optional
+        Version to judge; the installed ``keras`` distribution's by default (read from its
+        metadata, without importing Keras). Nothing is checked when Keras is not installed.
+
+    Raises
+    ------
+    UserError
+        The version is older than :data:`SAFE_KERAS`.
+    """
+    if installed is None:
+        from importlib import metadata
+
+        try:
+            installed = metadata.version("keras")
+        except metadata.PackageNotFoundError:
+            return  # loading will fail with its own message
+    if _version_tuple(installed) < SAFE_KERAS:
+        wanted = ".".join(map(str, SAFE_KERAS))
+        raise UserError(
+            f"Keras {installed} has known safe_mode bypasses (CVE-2025-1550, CVE-2025-12060, "
+            f"CVE-2026-1462): upgrade Keras (pip install 'keras>={wanted}') or pass --trust-model "
+            "if you trust this model")
+
+
+def _version_tuple(version) -> tuple:
+    try:
+        from packaging.version import Version
+
+        return Version(version).release
+    except (ImportError, ValueError):  # no packaging, or not PEP 440: take the leading numbers
+        pass
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def load_model(path, trust_model: bool = False):
@@ -135,20 +229,20 @@ def load_model(path, trust_model: bool = False):
     path : str or Path
         ``.keras``/``.h5`` file or SavedModel directory.
     trust_model : bool
-        Allow Lambda layers and custom objects (runs code stored in the file).
+        Allow Lambda layers, custom objects and SavedModel ops outside the allowlist (runs code
+        stored in the file).
 
     Returns
     -------
     KerasModel or pipeline.savedmodel.GraphModel
     """
-    check_safe(path, trust_model)
-    kind = model_kind(path)
-    if kind == "savedmodel":
+    if model_kind(path) == "savedmodel":
         from pipeline.savedmodel import GraphModel
         from pipeline.tfsetup import tensorflow
 
         tensorflow()
-        return GraphModel(path)
+        return GraphModel(path, trust_model=trust_model)  # checks the graph before loading it
+    check_safe(path, trust_model)
     from pipeline.tfsetup import tensorflow
 
     tensorflow()

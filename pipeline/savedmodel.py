@@ -3,8 +3,10 @@
 Keras 3 cannot load a SavedModel as a Keras model (``keras.models.load_model`` refuses it and
 ``keras.layers.TFSMLayer`` exposes only the final outputs). To reach intermediate layers we
 
-1. load the directory with ``tf.saved_model.load`` and take its ``serving_default`` signature
-   (or its only signature);
+1. check its graph without running it (:func:`pipeline.graphscan.check_saved_model`: loading runs
+   resource initializers, and every forward pass runs the graph, so ops that touch files or run
+   code are refused unless ``trust_model``), then load the directory with
+   ``tf.saved_model.load`` and take its ``serving_default`` signature (or its only signature);
 2. freeze that signature with ``convert_variables_to_constants_v2``: variables become constants
    and nested function calls are inlined, leaving one flat GraphDef whose op names carry the
    Keras name scopes (``StatefulPartitionedCall/functional_1/conv1_1/Relu``);
@@ -61,6 +63,7 @@ import re
 from collections import defaultdict
 
 from pipeline.errors import UserError
+from pipeline.graphscan import check_saved_model
 from pipeline.modelinfo import LayerInfo, analysable_shape
 
 _WRAPPER = re.compile(r"^(Stateful)?PartitionedCall(_\d+)?$")
@@ -82,6 +85,8 @@ class GraphModel:
     path : str or os.PathLike
         A SavedModel directory (Keras 3 ``model.export(path)``, tf.keras 2 ``model.save(path)``
         or ``tf.saved_model.save(model, path)``).
+    trust_model : bool
+        Load it even when its graph holds ops outside :data:`pipeline.graphscan.SAFE_OPS`.
 
     Attributes
     ----------
@@ -96,6 +101,8 @@ class GraphModel:
 
     Raises
     ------
+    UnsafeModelError
+        The graph holds ops that touch files or run code, and ``trust_model`` is false.
     UserError
         Not a SavedModel directory, no usable signature, more than one input, or an input that
         is not a rank-4 float image batch.
@@ -108,10 +115,10 @@ class GraphModel:
     >>> outputs, logits = gm.build_extractor(["conv1"])(x)  # doctest: +SKIP
     """
 
-    def __init__(self, path):
+    def __init__(self, path, trust_model=False):
         path = os.fspath(path)
         self.name = os.path.basename(os.path.normpath(path))
-        loaded = _load(path)
+        loaded = _load(path, trust_model)
         signature = _pick_signature(loaded, path)
         self._input_dtype, self.input_shape = _check_input(signature, path)
         graph_def, input_name, output_names = _freeze(signature)
@@ -185,11 +192,13 @@ class GraphModel:
 # --------------------------------------------------------------------------- loading
 
 
-def _load(path):
+def _load(path, trust_model):
     import tensorflow as tf
 
     if not os.path.isdir(path) or not tf.saved_model.contains_saved_model(path):
         raise UserError(f"{path} is not a SavedModel directory (no saved_model.pb inside)")
+    # Here and not only in the CLI: tf.saved_model.load itself runs the model's initializers.
+    check_saved_model(path, trust_model)
     try:
         return tf.saved_model.load(path)
     except Exception as err:  # corrupt files, missing custom ops, ...
