@@ -451,3 +451,55 @@ def test_any_npz_header_is_used_or_refused_in_one_line_with_flat_memory(tmp_path
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 32 << 20  # whatever the header declares, memory follows the file, not the claim
+
+
+# --------------------------------------------------------------------------- the corpus: hostile models
+
+
+def model_writing_a_file(user):
+    """A SavedModel whose forward pass writes the images it sees to a file of the attacker's choice."""
+    import tensorflow as tf
+
+    module = tf.Module()
+    target = str(user / "loot.txt")
+
+    def forward(x):
+        tf.io.write_file(target, tf.strings.as_string(tf.reduce_sum(x)))
+        return tf.reduce_mean(x, axis=[1, 2])
+
+    module.forward = tf.function(forward, input_signature=[tf.TensorSpec([None, 16, 16, 3], tf.float32)])
+    tf.saved_model.save(module, str(user / "sm"), signatures=module.forward)
+    return str(user / "sm"), "WriteFile"
+
+
+def keras_file_from_another_package(user, setup_model):
+    """A .keras file whose layer claims a module that merely starts with 'keras'."""
+    import json
+
+    src, dst = zipfile.ZipFile(setup_model), zipfile.ZipFile(user / "evil.keras", "w")
+    with src, dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename == "config.json":
+                config = json.loads(data)
+                config["config"]["layers"][0]["module"] = "kerasevil.layers"
+                data = json.dumps(config).encode()
+            dst.writestr(item, data)
+    return str(user / "evil.keras"), "kerasevil.layers"
+
+
+@pytest.mark.parametrize("make", [model_writing_a_file, keras_file_from_another_package],
+                         ids=["savedmodel_writes_files", "module_prefix"])
+def test_hostile_models_are_refused_before_anything_runs_or_is_written(tmp_path, setup, capsys, make):
+    root, model = setup
+    user = tmp_path / "user"
+    user.mkdir()
+    path, named = make(user) if make is model_writing_a_file else make(user, model)
+    before = snapshot(user)
+    for argv in (["layers", path], ["run", "--model", path, "--images", str(root / "images"),
+                                   "--out", str(tmp_path / "run")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and named in err and "--trust-model" in err, err
+    assert snapshot(user) == before and not (user / "loot.txt").exists()
+    assert not (tmp_path / "run").exists()

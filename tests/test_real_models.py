@@ -21,7 +21,7 @@ ARCHITECTURES = {
 }
 LOGITS = {"mobilenetv2": "predictions", "mobilenet": "conv_preds", "resnet50": "predictions"
 }
-PARAMS = [pytest.param("mobilenetv2"), pytest.param("mobilenet"),
+PARAMS = [pytest.param("mobilenetv2"), pytest.param("mobilenet", marks=pytest.mark.slow),
           pytest.param("resnet50", marks=pytest.mark.slow)]
 
 
