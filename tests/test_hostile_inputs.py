@@ -158,12 +158,12 @@ def users_folder(folder):
     return snapshot(folder)
 
 
-def test_out_pointing_at_a_users_folder_is_refused_and_nothing_changes(tmp_path, setup):
+def test_out_pointing_at_a_users_folder_is_refused_and_nothing_changes(tmp_path, setup, capsys):
     root, model = setup
     before = users_folder(tmp_path / "work")
-    result = run_cli("run", "--model", model, "--images", str(root / "images"), "--out", str(tmp_path / "work"))
-    assert result.returncode == 2 and one_line_error(result.stderr), result.stderr
-    assert "not written by this tool" in result.stderr
+    assert main(["run", "--model", model, "--images", str(root / "images"), "--out", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert one_line_error(err) and "not written by this tool" in err, err
     assert snapshot(tmp_path / "work") == before
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["activations.zarr", "probes", "skipped.csv"]
 

@@ -285,11 +285,11 @@ def test_keras_saved_models_pass_with_their_saver_subgraph_excluded(models):
             "__inference__traced_restore", "__inference__traced_save"], name
 
 
-def test_the_cli_lists_the_layers_of_a_keras_export(models):
+def test_the_cli_lists_the_layers_of_a_keras_export(models, capsys):
     paths, _ = models
-    result = run_cli("layers", paths["keras_export"])
-    assert result.returncode == 0, result.stderr
-    assert "conv" in result.stdout and "Conv2D" in result.stdout
+    assert main(["layers", str(paths["keras_export"])]) == 0
+    out = capsys.readouterr().out
+    assert "conv" in out and "Conv2D" in out
 
 
 def test_a_keras_model_saved_with_tf_saved_model_save_is_listed(models, capsys):
