@@ -273,12 +273,12 @@ def _saver_only(meta_graph):
     saver_nodes, kept_nodes = _saver_nodes(graph, meta_graph.saver_def)
     calls, callees = _function_calls(meta_graph), _callees(meta_graph)
     by_name = {n.name: n for n in graph.node}
-    saver_functions = _closure(set().union(*(calls(by_name[n]) for n in saver_nodes)), callees)
+    saver_functions = closure(set().union(*(calls(by_name[n]) for n in saver_nodes)), callees)
     kept = set().union(*(calls(by_name[n]) for n in kept_nodes))
     kept |= _object_graph_functions(meta_graph)
     kept |= {name for g in graph.library.gradient for name in (g.function_name, g.gradient_func)}
     kept |= set(functions) - saver_functions
-    return saver_nodes, saver_functions - _closure(kept, callees)
+    return saver_nodes, saver_functions - closure(kept, callees)
 
 
 def _saver_nodes(graph, saver_def):
@@ -286,8 +286,8 @@ def _saver_nodes(graph, saver_def):
     inputs = {n.name: [_op_name(i) for i in n.input] for n in graph.node}
     roots = {_op_name(t) for t in (saver_def.save_tensor_name, saver_def.restore_op_name,
                                    saver_def.filename_tensor_name) if t} & inputs.keys()
-    reached = _closure(roots, lambda n: inputs.get(n, ()))
-    kept = _closure(inputs.keys() - reached, lambda n: inputs.get(n, ())) & inputs.keys()
+    reached = closure(roots, lambda n: inputs.get(n, ()))
+    kept = closure(inputs.keys() - reached, lambda n: inputs.get(n, ())) & inputs.keys()
     return (reached - kept) & inputs.keys(), kept
 
 
@@ -300,7 +300,8 @@ def _op_name(tensor_name):
     return tensor_name.lstrip("^").split(":")[0]
 
 
-def _closure(start, neighbours):
+def closure(start, neighbours):
+    """Every node reachable from the nodes ``start`` (included) through ``neighbours(node)``."""
     seen, stack = set(start), list(start)
     while stack:
         for nxt in neighbours(stack.pop()):

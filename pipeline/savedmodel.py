@@ -63,7 +63,7 @@ import re
 from collections import defaultdict
 
 from pipeline.errors import UserError
-from pipeline.graphscan import check_saved_model
+from pipeline.graphscan import check_saved_model, closure
 from pipeline.modelinfo import LayerInfo, analysable_shape
 
 _WRAPPER = re.compile(r"^(Stateful)?PartitionedCall(_\d+)?$")
@@ -328,9 +328,9 @@ class _Graph:
             for producer, _ in self.inputs[node.name]:
                 self.consumers[producer].append(node.name)
         self.order = _topological_order(self.inputs, control)
-        downstream = _reach(_split(input_name)[0], lambda op: self.consumers.get(op, ()))
+        downstream = closure([_split(input_name)[0]], lambda op: self.consumers.get(op, ()))
         upstream = set().union(*(
-            _reach(op, lambda op: [p for p, _ in self.inputs[op]]) for op in self.outputs
+            closure([op], lambda op: [p for p, _ in self.inputs[op]]) for op in self.outputs
         ))
         self.data_path = downstream & upstream
 
@@ -338,16 +338,6 @@ class _Graph:
 def _split(tensor_name):
     op, _, index = tensor_name.partition(":")
     return op, int(index or 0)
-
-
-def _reach(start, neighbours):
-    seen, stack = {start}, [start]
-    while stack:
-        for nxt in neighbours(stack.pop()):
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return seen
 
 
 def _topological_order(inputs, control):
