@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipeline import __version__
+from pipeline.codeversion import code_version
 from pipeline.config import Config, hash_json
 from pipeline.errors import UserError
 from pipeline.rundir import MANIFEST, hold
@@ -40,13 +41,11 @@ class Stage:
     inputs : callable
         ``inputs(cfg) -> dict``: hashes of external files the stage reads (model, dataset).
     version : str
-        Bumped when the stage's code changes its results.
+        Bumped by hand only for a change the code hash cannot see; the code version also hashes
+        the stage module and every `pipeline` module it imports (:mod:`pipeline.codeversion`).
     optional : tuple of str
         Upstream stages read when present (the report shows "not computed" otherwise): they are
         not required, but a rerun of one makes this stage stale.
-    modules : tuple of str
-        Modules whose source is hashed into the code version (besides the stage's own), so an
-        edited algorithm makes its stage stale without anyone remembering to bump ``version``.
     """
 
     name: str
@@ -56,7 +55,6 @@ class Stage:
     run: Callable
     inputs: Callable = lambda cfg: {}
     version: str = "1"
-    modules: tuple = ()
     optional: tuple = ()
 
 
@@ -148,7 +146,7 @@ class Runner:
         return {
             "params_hash": hash_json(stage.params(self.cfg)),
             "input_hashes": inputs,
-            "code_version": f"{__version__}/{stage.version}/{_source_hash(stage)}",
+            "code_version": f"{__version__}/{stage.version}/{code_version(stage.run.__module__)}",
         }
 
     def fingerprint(self, stage) -> str:
@@ -275,17 +273,6 @@ def _partial(rec):
     total = (summary.get("images") or 0) + missing
     return (f"({total - missing} of {total} rendered) the time budget ran out; run the stage again to "
             "render the rest (finished images are kept)")
-
-
-def _source_hash(stage) -> str:
-    import importlib.util
-
-    h = hashlib.sha256()
-    for name in (stage.run.__module__, *stage.modules):
-        spec = importlib.util.find_spec(name)
-        if spec and spec.origin and os.path.exists(spec.origin):
-            h.update(Path(spec.origin).read_bytes())
-    return h.hexdigest()[:8]
 
 
 def _now() -> str:

@@ -149,6 +149,4 @@ def _num(x):
 
 
 STAGE = Stage(name="cluster", deps=("extract",), params=_params,
-              outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1",
-              modules=("pipeline.neurons", "pipeline.layerstats", "pipeline.stages.activations",
-                       "pipeline.streams"))
+              outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1")

@@ -120,4 +120,4 @@ def _concat(frames, columns):
 
 STAGE = Stage(name="embed", deps=("extract",), params=_params,
               outputs=("embeddings/images.parquet", "embeddings/neurons.parquet", "embeddings/quality.parquet"),
-              run=run, version="1", modules=("pipeline.embedding", "pipeline.stages.activations"))
+              run=run, version="1")

@@ -307,6 +307,4 @@ def stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, wr
 
 
 STAGE = Stage(name="extract", deps=(), params=_params, inputs=_inputs,
-              outputs=("dataset.parquet", "skipped.csv", ZARR), run=run, version="1",
-              modules=("pipeline.forward", "pipeline.dataset", "pipeline.images", "pipeline.models",
-                       "pipeline.savedmodel", "pipeline.subclassed", "pipeline.autolayers", "pipeline.kerasgraph"))
+              outputs=("dataset.parquet", "skipped.csv", ZARR), run=run, version="1")

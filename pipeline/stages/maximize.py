@@ -37,6 +37,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from pipeline.codeversion import code_version
 from pipeline.config import hash_json, parse_scale
 from pipeline.runner import Stage, file_hash
 
@@ -47,9 +48,7 @@ COLUMNS = ["kind", "layer", "channel", "cluster", "class", "class_name", "seed",
            "score", "z_score", "score_valid", "dataset_mean", "dataset_std", "reduction", "probability", "path",
            "params_hash"]
 _INT_COLUMNS = ("channel", "cluster", "class")
-MODULES = ("pipeline.maximize.render", "pipeline.maximize.params", "pipeline.maximize.transforms",
-           "pipeline.maximize.objectives", "pipeline.maximize.quality", "pipeline.maximize.plan",
-           "pipeline.bias")  # bias: which outputs are which classes (the class images' names)
+
 
 
 def _params(cfg):
@@ -60,25 +59,12 @@ def _params(cfg):
 def _render_hash(cfg):
     """What the pixels of an image depend on: a part file row is reused only if this matches."""
     mx = cfg.maximize
-    code = _code_hash(MODULES[:4])  # render, params, transforms, objectives: what shapes the pixels
+    code = code_version("pipeline.maximize.render")  # the renderer and all it imports shape the pixels
     return hash_json({"model": file_hash(cfg.model), "scale": cfg.data.scale, "seed": cfg.seed,
                       "render": mx.model_dump(mode="json", include={"steps", "size", "learning_rate", "param",
                                                                     "decorrelate", "transforms", "relu_redirect"}),
                       "classes": "logprob+jitter",
                       "code": code})
-
-
-def _code_hash(modules) -> str:
-    import hashlib
-    import importlib.util
-    from pathlib import Path
-
-    h = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        if spec and spec.origin:
-            h.update(Path(spec.origin).read_bytes())
-    return h.hexdigest()[:8]
 
 
 class _Group:
@@ -446,4 +432,4 @@ def _round(x):
 
 
 STAGE = Stage(name="maximize", deps=("extract", "cluster"), params=_params,
-              outputs=(INDEX,), run=run, version="1", modules=MODULES)
+              outputs=(INDEX,), run=run, version="1")

@@ -245,5 +245,4 @@ def _upscale(image, cell):
 
 
 STAGE = Stage(name="probe", deps=("extract",), params=_params, inputs=_inputs, outputs=OUTPUTS, run=run,
-              version="1", modules=("pipeline.probes", "pipeline.bias", "pipeline.forward", "pipeline.dataset",
-                                    "pipeline.images", "pipeline.models"))
+              version="1")

@@ -41,8 +41,4 @@ def run(ctx):
 # any of them makes the report stale.
 STAGE = Stage(name="report", deps=("extract", "cluster"),
               optional=("embed", "probe", "maximize"), params=_params, inputs=_inputs,
-              outputs=("report.json",), run=run, version="1",
-              modules=("pipeline.report", "pipeline.report.build", "pipeline.report.pages",
-                       "pipeline.report.data", "pipeline.report.figures", "pipeline.report.atlas",
-                       "pipeline.report.assets", "pipeline.report.names", "pipeline.report.shortcuts",
-                       "pipeline.report.explorer", "pipeline.bias"))
+              outputs=("report.json",), run=run, version="1")
