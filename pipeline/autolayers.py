@@ -19,9 +19,12 @@ the graph's edges; no TensorFlow here.
 """
 from __future__ import annotations
 
+import fnmatch
 from collections import defaultdict
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 #: Layers whose units are learned feature detectors (the small-model rule).
 LEARNED_TYPES = {"Conv2D", "SeparableConv2D", "DepthwiseConv2D", "Conv2DTranspose", "Dense",
@@ -30,6 +33,7 @@ _MERGES = {"Add": "residual add", "AddV2": "residual add", "Average": "residual 
            "Concatenate": "concatenation", "ConcatV2": "concatenation"}
 _ACTIVATIONS = {"Activation", "ReLU", "LeakyReLU", "ELU", "PReLU", "Relu", "Relu6"}
 MAX_LAYERS = 16
+NO_LAYER = "no analysable layer found (run `python -m pipeline layers MODEL`)"
 
 
 def auto_layers(infos, edges=None, max_layers=MAX_LAYERS):
@@ -151,9 +155,7 @@ def choose(model, spec):
     list of (str, str)
         ``(name, reason)`` in model order.
     """
-    from pipeline.errors import UserError
     from pipeline.kerasgraph import model_edges
-    from pipeline.models import NO_LAYER, select_layers
 
     if spec == "auto":
         picks = auto_layers(model.layers, model_edges(model))
@@ -176,3 +178,38 @@ def summary_line(infos, choice, spec):
     else:
         rule = "as configured"
     return f"{len(choice)} of {live} analysable layers ({rule})"
+
+
+def select_layers(infos, spec, edges=None) -> list[str]:
+    """Resolve ``layers: auto``, ``all`` or a list of names / glob patterns to layer names.
+
+    Parameters
+    ----------
+    infos : list of LayerInfo
+    spec : "auto", "all" or list of str
+        ``auto``: see :func:`auto_layers`; ``all``: every analysable layer.
+    edges : list of (str, str), optional
+        The model graph (:func:`pipeline.kerasgraph.model_edges`), used by ``auto``.
+
+    Raises
+    ------
+    UserError
+        A name or pattern that matches nothing, or a matched layer that is not analysable.
+    """
+    if spec in ("auto", "all"):
+        chosen = ([name for name, _ in auto_layers(infos, edges)] if spec == "auto"
+                  else [i.name for i in infos if i.analysable])
+        if not chosen:
+            raise UserError(NO_LAYER)
+        return chosen
+    by_name = {i.name: i for i in infos}
+    chosen = []
+    for pattern in spec:
+        hits = [i.name for i in infos if fnmatch.fnmatchcase(i.name, pattern)]
+        if not hits:
+            raise UserError(f"layer '{pattern}' matches no layer of the model "
+                            "(run `python -m pipeline layers MODEL` to list them)")
+        if pattern in by_name and not by_name[pattern].analysable:
+            raise UserError(f"layer '{pattern}' cannot be analysed: {by_name[pattern].reason}")
+        chosen += [h for h in hits if by_name[h].analysable and h not in chosen]
+    return chosen

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fnmatch
 import importlib
 import json
 import re
@@ -18,12 +17,11 @@ import sys
 import zipfile
 from pathlib import Path
 
-from pipeline.autolayers import LEARNED_TYPES as AUTO_TYPES  # noqa: F401 (the small-model auto rule)
 from pipeline.errors import UnsafeModelError, UserError
 from pipeline.graphscan import check_saved_model, printable
+from pipeline.logits import without_softmax
 from pipeline.modelinfo import LayerInfo, analysable_shape
 
-_SOFTMAX_NAMES = {"softmax"}
 # Markers Keras writes without a module for plain values (tensors' shapes, tuples, bytes...).
 _VALUE_MARKERS = frozenset({"__keras_tensor__", "__tuple__", "__bytes__", "__slice__", "__ellipsis__",
                             "__numpy__", "__tensor__"})
@@ -32,7 +30,6 @@ _VALUE_MARKERS = frozenset({"__keras_tensor__", "__tuple__", "__bytes__", "__sli
 _PLAIN_OBJECTS = frozenset({("builtins", "function")})
 # safe_mode bypasses: CVE-2025-1550 (< 3.9), CVE-2025-12060, CVE-2026-1462 (< 3.14).
 SAFE_KERAS = (3, 14)
-NO_LAYER = "no analysable layer found (run `python -m pipeline layers MODEL`)"
 
 
 def model_kind(path) -> str:
@@ -372,23 +369,6 @@ def _output_layer(model):
         return None
 
 
-def _is_softmax(fn) -> bool:
-    return getattr(fn, "__name__", "") in _SOFTMAX_NAMES
-
-
-def _pre_softmax(layer, args, kwargs):
-    """Call ``layer`` without its final softmax, or None when it has none we can strip."""
-    import keras
-
-    cls = type(layer).__name__
-    if cls == "Softmax" or (cls == "Activation" and _is_softmax(layer.activation)):
-        return args[0]
-    if cls == "Dense" and _is_softmax(layer.activation):
-        y = keras.ops.matmul(args[0], layer.kernel)
-        return y + layer.bias if layer.use_bias else y
-    return None
-
-
 def _functional(model):
     import keras
 
@@ -414,7 +394,7 @@ def _tapped_call(model, x, wanted, prefix, taps, pre_softmax=None):
             if _functional(op) is not None and any(w.startswith(name + "/") for w in wanted):
                 y = _tapped_call(op, args[0], wanted, name + "/", taps)
             elif op is pre_softmax:
-                y = _pre_softmax(op, args, kwargs)
+                y = without_softmax(op, args, kwargs)
                 if y is None:
                     y = op(*args, **kwargs)
             else:
@@ -456,40 +436,3 @@ def _info(layer, name) -> LayerInfo:
     if ok and "float" not in str(out.dtype):
         ok, reason = False, f"dtype {out.dtype}"
     return LayerInfo(name, cls, shape, ok, reason)
-
-
-def select_layers(infos, spec, edges=None) -> list[str]:
-    """Resolve ``layers: auto``, ``all`` or a list of names / glob patterns to layer names.
-
-    Parameters
-    ----------
-    infos : list of LayerInfo
-    spec : "auto", "all" or list of str
-        ``auto``: see :func:`pipeline.autolayers.auto_layers`; ``all``: every analysable layer.
-    edges : list of (str, str), optional
-        The model graph (:func:`pipeline.kerasgraph.model_edges`), used by ``auto``.
-
-    Raises
-    ------
-    UserError
-        A name or pattern that matches nothing, or a matched layer that is not analysable.
-    """
-    if spec in ("auto", "all"):
-        from pipeline.autolayers import auto_layers
-
-        chosen = ([name for name, _ in auto_layers(infos, edges)] if spec == "auto"
-                  else [i.name for i in infos if i.analysable])
-        if not chosen:
-            raise UserError(NO_LAYER)
-        return chosen
-    by_name = {i.name: i for i in infos}
-    chosen = []
-    for pattern in spec:
-        hits = [i.name for i in infos if fnmatch.fnmatchcase(i.name, pattern)]
-        if not hits:
-            raise UserError(f"layer '{pattern}' matches no layer of the model "
-                            "(run `python -m pipeline layers MODEL` to list them)")
-        if pattern in by_name and not by_name[pattern].analysable:
-            raise UserError(f"layer '{pattern}' cannot be analysed: {by_name[pattern].reason}")
-        chosen += [h for h in hits if by_name[h].analysable and h not in chosen]
-    return chosen

@@ -130,12 +130,12 @@ class Recorder:
 
         As for functional models, that sub-layer's own tap becomes pre-softmax too.
         """
-        from pipeline.models import _pre_softmax
+        from pipeline.logits import without_softmax
 
         out = _first(output)
         for layer, args, kwargs, y in self.calls:  # innermost first: it returns before its parents
             if y is out:
-                pre = _pre_softmax(layer, args, kwargs)
+                pre = without_softmax(layer, args, kwargs)
                 if pre is None:
                     return out
                 for tapped, value in self.taps.items():

@@ -13,19 +13,12 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.report.csp import CSP
 from pipeline.store import RunStore
 
 MARKER = ".pipeline-report.json"
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
-CSP = ("default-src 'none'; img-src 'self' data:; style-src 'self'; base-uri 'none'; "
-       "form-action 'none'")
-# Layer pages with the interactive explorer: scripts from the report folder only (no inline script, no
-# eval: the explorer uses no Bokeh CustomJS); BokehJS styles its shadow-DOM views with <style>
-# elements, hence 'unsafe-inline' for styles (no network is allowed, so styles cannot leak anything).
-CSP_EXPLORER = ("default-src 'none'; script-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-                "base-uri 'none'; form-action 'none'")
-
 
 @dataclass(frozen=True)
 class ReportResult:

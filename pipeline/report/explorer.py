@@ -15,7 +15,7 @@ Drawn by BokehJS in the reader's browser, still from static files:
 No inline script and no ``CustomJS`` (which compiles code at run time): the pages need
 ``script-src 'self'`` and no ``'unsafe-eval'``. BokehJS styles its shadow-DOM views with
 ``<style>`` elements, so explorer pages also allow ``style-src 'unsafe-inline'`` (see
-:data:`pipeline.report.build.CSP_EXPLORER`). More than ``report.explorer_max_points`` images: a
+:data:`pipeline.report.csp.CSP_EXPLORER`). More than ``report.explorer_max_points`` images: a
 seeded sample (the same for every layer) is drawn and the page says so. Points are drawn with
 WebGL (Bokeh falls back to canvas where WebGL is missing).
 """

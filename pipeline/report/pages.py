@@ -319,7 +319,7 @@ def layer_pages(site, layer):
     explorer = site.explorer.layer(layer) if site.explorer is not None else None
     ctx["explorer"] = explorer
     if explorer:
-        from pipeline.report.build import CSP_EXPLORER
+        from pipeline.report.csp import CSP_EXPLORER
 
         ctx.update(csp=CSP_EXPLORER, scripts=explorer["scripts"])
     out = [(layer_page(layer), "layer.html", ctx)]
