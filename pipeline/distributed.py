@@ -126,7 +126,7 @@ def ordered(submit, count, window):
 
 
 def row_blocks(client):
-    """A drop-in for :func:`pipeline.stages.activations.chunker` whose passes run on ``client``."""
+    """A drop-in for :func:`pipeline.activations.chunker` whose passes run on ``client``."""
     def make(arrays, rows=BLOCK_ROWS):
         return RowBlocks(client, arrays, rows)
 
@@ -158,7 +158,7 @@ class RowBlocks:
         self.n = int(first.shape[0])
 
     def __call__(self):
-        from pipeline.stages.activations import chunker
+        from pipeline.activations import chunker
 
         return chunker(self.arrays, self.rows)()
 
@@ -216,7 +216,7 @@ def _fit_block(payload, start, template):
 
 
 def _run_pass(payload, items):
-    from pipeline.stages.activations import chunker
+    from pipeline.activations import chunker
 
     arrays, rows, fn = payload
     return list(fn(chunker(arrays, rows), items))

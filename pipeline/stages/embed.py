@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.runner import Stage
-from pipeline.stages.activations import layer_array, open_activations
+from pipeline.activations import layer_array, open_activations
 
 
 def _params(cfg):

@@ -80,7 +80,7 @@ class _Group:
 
 
 def run(ctx):
-    from pipeline.stages.activations import open_activations
+    from pipeline.activations import open_activations
 
     cfg, store = ctx.cfg, ctx.store
     root, order, infos = open_activations(store)

@@ -131,7 +131,7 @@ def run(ctx):
 
 def _model(ctx):
     from pipeline.models import load_model
-    from pipeline.stages.activations import open_activations
+    from pipeline.activations import open_activations
     from pipeline.stages.extract import input_geometry
 
     cfg = ctx.cfg

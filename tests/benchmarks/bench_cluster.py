@@ -6,7 +6,7 @@ Run from the repository root::
     python tests/benchmarks/bench_cluster.py --quick     # smoke run, N = 8192
 
 What is measured: ``correlation_streaming(chunker(zarr_array))`` exactly as the cluster stage calls
-it (``pipeline.stages.activations.chunker``, 4096 rows per block) over a float32 zarr array on
+it (``pipeline.activations.chunker``, 4096 rows per block) over a float32 zarr array on
 disk of shape (N, 512) and (4N, 512), chunked (4096, 512) with zarr's default codecs. Each
 measurement runs in a fresh interpreter that imports numpy, zarr and the pipeline modules, opens
 the array, and then records a baseline ``ru_maxrss`` before computing. Reported per run:
@@ -28,25 +28,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import harness  # first: puts the repository on sys.path
+from harness import log, ok
 
 UNITS, ROWS, DEAD = 512, 4096, 8
-
-
-def log(msg):
-    print(msg, flush=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -87,12 +79,12 @@ def child_main(mode, path, out_npy):
     import zarr
 
     from pipeline.neurons import correlation_streaming
-    from pipeline.stages.activations import chunker
+    from pipeline.activations import chunker
 
     method, trace = mode.split("-") if "-" in mode else (mode, None)
     arr = zarr.open_array(str(path), mode="r")
     gc.collect()
-    base_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_kb = harness.peak_kb()
     if trace:
         tracemalloc.start()
     c0, t0 = time.process_time(), time.perf_counter()
@@ -107,19 +99,16 @@ def child_main(mode, path, out_npy):
     trace_peak = tracemalloc.get_traced_memory()[1] if trace else None
     if trace:
         tracemalloc.stop()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = harness.peak_kb()
     if out_npy != "-":
         np.save(out_npy, corr)
-    print(json.dumps({"base_kb": base_kb, "peak_kb": peak_kb, "seconds": seconds, "cpu": cpu,
-                      "trace_peak": trace_peak, "shape": list(arr.shape)}))
+    harness.emit({"base_kb": base_kb, "peak_kb": peak_kb, "seconds": seconds, "cpu": cpu,
+                  "trace_peak": trace_peak, "shape": list(arr.shape)})
 
 
 def run_child(mode, path, out_npy="-"):
-    out = subprocess.run([sys.executable, __file__, "--child", mode, str(path), str(out_npy)],
-                         capture_output=True, text=True, cwd=str(ROOT))
-    if out.returncode:
-        sys.exit(f"child {mode} {path} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    argv = [sys.executable, __file__, "--child", mode, path, out_npy]
+    return harness.run_child(argv, f"child {mode} {path}").json()
 
 
 # --------------------------------------------------------------------------- main
@@ -178,9 +167,6 @@ def main():
     def mb(kb):
         return kb / 1024
 
-    def ok(flag):
-        return "yes" if flag else "NO"
-
     print()
     print(f"{'method':<28} {'rows':>8} {'seconds':>8} {'CPU s':>7} {'krows/s':>8} {'base MB':>8} {'peak MB':>8} "
           f"{'incr MB':>8} {'tracemalloc MB':>15}")
@@ -218,9 +204,7 @@ def main():
                      f"{c['seconds'] / s['seconds']:.2f}x; {c['cpu'] / s['cpu']:.2f}x", "-", "-"))
     rows.append(("max |r_stream - r_corrcoef| at N (live units)", f"{max_diff:.1e}", "<1e-5", ok(max_diff < 1e-5)))
     rows.append((f"dead units NaN in both ({DEAD} planted)", str(dead_ok), "True", ok(dead_ok)))
-    print(f"{'metric':<50} {'value':<30} {'target':<8} ok")
-    for metric, value, target, flag in rows:
-        print(f"{metric:<50} {value:<30} {target:<8} {flag}")
+    harness.print_checks(rows, widths=(50, 30, 8))
     print()
     print("- Each row is a fresh interpreter; 'base' is ru_maxrss after importing numpy, zarr and the "
           "pipeline modules and opening the array; 'incr' = peak - base. tracemalloc numbers come from a "
@@ -229,10 +213,7 @@ def main():
     print(f"- Streaming reads {ROWS}-row float32 blocks via chunker; each block is upcast to float64 in "
           "StreamingMoments (partial_fit), centred, multiplied in float32, merged into a float64 (C, C) sum. "
           "np.corrcoef holds the float32 array plus a float64 copy.")
-    load_end = os.getloadavg()
-    print(f"- Load average (1 min) at start / end: {load_start[0]:.1f} / {load_end[0]:.1f} on "
-          f"{os.cpu_count()} CPUs (shared machine).")
-    print(f"- Total benchmark time {time.perf_counter() - t_start:.0f} s.")
+    print("\n".join(harness.machine_lines(load_start, t_start)))
 
 
 if __name__ == "__main__":

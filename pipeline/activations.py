@@ -1,4 +1,6 @@
-"""Reading stored activations for the analysis stages: lazy arrays and re-callable row chunks."""
+"""Reading stored activations (the extract stage's zarr layout): lazy arrays and re-callable row chunks.
+
+Used by the analysis stages and by the Dask engine, so it sits below both."""
 from __future__ import annotations
 
 import numpy as np
