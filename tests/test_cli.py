@@ -1,24 +1,16 @@
 """What a user sees at the command line: clear one-line errors, skips, status, layer listings."""
+import functools
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 import zoo
+from zoo import run_cli
 from pipeline import load_run
 from pipeline.cli import main
-
-
-def run_cli(*args, cwd=None):
-    """Run ``python -m pipeline`` in a fresh process, as a user would."""
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +21,8 @@ def setup(tmp_path_factory):
     return root, model
 
 
-def config(tmp_path, model, images, **extra):
-    cfg = {"name": "cli", "out": str(tmp_path / "run"), "model": str(model), "data": {"images": str(images)}}
-    cfg.update(extra)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+# Every config of this file names its run "cli"; the model, images and other sections come from each test.
+config = functools.partial(zoo.write_config, name="cli")
 
 
 def test_unknown_config_key_is_one_line_naming_it(tmp_path, setup):

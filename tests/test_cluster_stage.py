@@ -1,7 +1,6 @@
 """Neuron clusters recovered from a model with planted groups of units, end to end."""
 import numpy as np
 import pytest
-import yaml
 from sklearn.metrics import adjusted_rand_score
 
 import zoo
@@ -53,20 +52,12 @@ def factor_images(root, classes=("x", "y"), per_class=60, size=24, seed=0):
             Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
 
 
-def make_run(tmp_path, model, images, name="run", **extra):
-    cfg = {"out": str(tmp_path / name), "model": zoo.save(model, tmp_path / "m", "keras"),
-           "data": {"images": str(images)}, "cluster": {"bootstrap": 5}}
-    cfg.update(extra)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("planted")
     factor_images(tmp / "images")
-    config = make_run(tmp, planted_model(), tmp / "images", layers=["planted"])
+    config = zoo.write_config(tmp, zoo.save(planted_model(), tmp / "m", "keras"), tmp / "images",
+                              file="run.yaml", cluster={"bootstrap": 5}, layers=["planted"])
     assert main(["run", str(config), "--only", "extract"]) == 0
     assert main(["run", str(config), "--only", "cluster"]) == 0
     return tmp, config
@@ -104,7 +95,8 @@ def test_five_images_of_one_class_and_a_nan_layer_finish_with_clear_messages(tmp
     model = keras.Model(inp, keras.layers.Dense(2, name="out")(keras.layers.GlobalAveragePooling2D()(x)))
     kernel, bias = model.get_layer("broken").get_weights()
     model.get_layer("broken").set_weights([kernel * np.nan, bias])
-    config = make_run(tmp_path, model, tmp_path / "images")
+    config = zoo.write_config(tmp_path, zoo.save(model, tmp_path / "m", "keras"), tmp_path / "images",
+                              file="run.yaml", cluster={"bootstrap": 5})
     assert main(["run", str(config)]) == 0
     err = capsys.readouterr().err
     assert "layer broken produced" in err

@@ -6,7 +6,6 @@ TensorFlow (about 8 s) the first time it extracts.
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -14,7 +13,6 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-import yaml
 import zarr
 
 import zoo
@@ -26,32 +24,19 @@ TABLES = ["dataset.parquet", "skipped.csv", "clusters.parquet", "cluster_summary
           "embeddings/images.parquet", "embeddings/neurons.parquet", "embeddings/quality.parquet"]
 
 
-def slow_model():
-    """A few ms per batch, so a kill lands while shards are still running."""
-    import keras
-
-    inp = keras.Input((48, 48, 3))
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c1")(inp)
-    x = keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="c2")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="out")(x))
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dask")
     zoo.image_folder(tmp / "images", per_class=40, size=48)  # 120 images: above embed.max_fit = 100
-    return tmp, zoo.save(slow_model(), tmp / "m", "keras")
+    return tmp, zoo.save(zoo.slow_model(), tmp / "m", "keras")  # a kill lands while shards still run
 
 
 def write_config(tmp, model, name, **extra):
-    cfg = {"out": str(tmp / name), "model": model, "data": {"images": str(tmp / "images")},
-           "extract": {"batch_size": 4, "chunk_rows": 4, "spatial_samples": 2},
-           "embed": {"methods": ["tsne"], "max_fit": 100, "pca": 8}, "cluster": {"bootstrap": 4}}
-    cfg.update(extra)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """``<name>.yaml`` for run ``tmp/<name>``: 4-image shards, a small t-SNE fit, a short bootstrap."""
+    return zoo.write_config(tmp, model, tmp / "images", out=name, file=f"{name}.yaml",
+                            **{"extract": {"batch_size": 4, "chunk_rows": 4, "spatial_samples": 2},
+                               "embed": {"methods": ["tsne"], "max_fit": 100, "pca": 8},
+                               "cluster": {"bootstrap": 4}, **extra})
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +199,7 @@ def test_engine_keys_are_checked():
 def test_engine_flags_override_the_config(tmp_path):
     from pipeline.cli import _config_from, _parser
 
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"model": "m.keras", "data": {"images": "x"}, "engine": "dask",
-                                      "workers": 3}))
+    config = zoo.write_config(tmp_path, "m.keras", "x", out=None, engine="dask", workers=3)
 
     def cfg(*flags):
         return _config_from(_parser().parse_args(["cluster", str(config), *flags]))
@@ -254,9 +237,7 @@ def test_a_killed_client_resumes_without_redoing_finished_shards(assets, local_r
     config = write_config(tmp, model, "resumed", engine="dask", scheduler=client.scheduler.address,
                           extract={"batch_size": 4, "chunk_rows": 4, "spatial_samples": 2})
     run_dir = tmp / "resumed"
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config), "--only", "extract"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = zoo.start_cli("run", config, "--only", "extract", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while proc.poll() is None and shards_done(run_dir) < 3 and time.time() < deadline:
         time.sleep(0.005)

@@ -1,7 +1,6 @@
 """Embeddings of images and neurons: stored per layer and method, reproducible, exportable."""
 import numpy as np
 import pytest
-import yaml
 
 import zoo
 from pipeline import load_run
@@ -12,9 +11,8 @@ from pipeline.cli import main
 def run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embed")
     zoo.image_folder(tmp / "images", per_class=20, size=16)
-    cfg = {"out": str(tmp / "run"), "model": zoo.save(zoo.sequential(), tmp / "m", "keras"),
-           "data": {"images": str(tmp / "images")}, "embed": {"methods": ["tsne", "umap"]}}
-    (tmp / "c.yaml").write_text(yaml.safe_dump(cfg))
+    zoo.write_config(tmp, zoo.save(zoo.sequential(), tmp / "m", "keras"), tmp / "images",
+                     embed={"methods": ["tsne", "umap"]})
     assert main(["run", str(tmp / "c.yaml"), "--only", "extract"]) == 0
     assert main(["run", str(tmp / "c.yaml"), "--only", "embed"]) == 0
     return tmp

@@ -18,7 +18,7 @@ from pipeline.config import ReportConfig
 from pipeline.report import build_report
 from pipeline.report.names import layer_page
 from pipeline.store import RunStore
-from test_report import EVIL, browser  # noqa: F401 - the module-scoped Chromium fixture
+from test_report import EVIL
 
 CLASSES = (EVIL, "square", "circle", "cross")
 LAYERS = {"conv_a": 8, "conv_b": 12}
@@ -98,60 +98,29 @@ def explorer_specs(report, layer):
 # ---------------------------------------------------------------- driving the page
 
 
-class Page:
-    """One page opened in the shared Chromium, kept open to hover, click and evaluate."""
+def open_explorer(chromium, path, timeout=120):
+    """Open a layer page at 1300x1000 and wait until every explorer on it has drawn (``data-ready``).
 
-    def __init__(self, chromium, path, width=1300, height=1000, timeout=120):
-        self.b = chromium
-        self.target = chromium.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.s = chromium.call("Target.attachToTarget", {"targetId": self.target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            chromium.call(f"{domain}.enable", session=self.s)
-        chromium.call("Emulation.setDeviceMetricsOverride",
-                      {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, self.s)
-        chromium.events = []
-        t0 = time.perf_counter()
-        chromium.call("Page.navigate", {"url": Path(path).resolve().as_uri()}, self.s)
-        chromium.wait_for("Page.loadEventFired", self.s, timeout=timeout)
-        self.load_seconds = time.perf_counter() - t0
-        deadline = time.monotonic() + timeout
-        while not all(self.eval("Array.from(document.querySelectorAll('.explorer')).map(e => e.dataset.ready || '')")):
-            assert time.monotonic() < deadline, "the explorer did not finish drawing"
-            time.sleep(0.05)
-        self.ready_seconds = time.perf_counter() - t0
+    Returns the :class:`browser.Page`, with ``load_seconds`` (to the load event) and
+    ``ready_seconds`` (to the explorers drawn) since the navigation started.
+    """
+    page = chromium.open(path, width=1300, height=1000, timeout=timeout)
+    page.ready_seconds = page.wait_for(
+        "Array.from(document.querySelectorAll('.explorer')).every(e => e.dataset.ready)", timeout,
+        "the explorer did not finish drawing")
+    return page
 
-    def eval(self, expression):
-        reply = self.b.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, self.s, timeout=60)
-        assert "exceptionDetails" not in reply, reply
-        return reply["result"].get("value")
 
-    def mouse(self, x, y, kind="mouseMoved", **extra):
-        self.b.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, **extra}, self.s)
-
-    def rect(self, selector, which=0):
-        return self.eval(f"document.querySelectorAll({json.dumps(selector)})[{which}].getBoundingClientRect().toJSON()")
-
-    def hover_a_point(self, which=0, step=10):
-        """Move the pointer over the first map of explorer ``which`` until a point is hovered."""
-        self.eval(f"document.querySelectorAll('.explorer')[{which}].scrollIntoView()")
-        box = self.rect(".explorer .xp-plot", which)
-        for y in range(int(box["top"]) + 40, int(box["bottom"]) - 20, step):
-            for x in range(int(box["left"]) + 20, int(box["left"] + box["width"] / 2) - 40, step):
-                self.mouse(x, y)
-                if self.eval(f"document.querySelectorAll('.explorer')[{which}].dataset.hover"):
-                    return x, y
-        raise AssertionError("no point found under the pointer")
-
-    def problems(self, inside):
-        from test_report import _is_error, _message
-
-        mine = [e for e in self.b.events if e.get("sessionId") == self.s]
-        requests = [e["params"]["request"]["url"] for e in mine if e.get("method") == "Network.requestWillBeSent"]
-        return ([_message(e) for e in mine if _is_error(e)],
-                [u for u in requests if not (u.startswith(inside) or u.startswith("data:"))])
-
-    def close(self):
-        self.b.call("Target.closeTarget", {"targetId": self.target})
+def hover_a_point(page, which=0, step=10):
+    """Move the pointer over the first map of explorer ``which`` until a point is hovered."""
+    page.eval(f"document.querySelectorAll('.explorer')[{which}].scrollIntoView()")
+    box = page.rect(".explorer .xp-plot", which)
+    for y in range(int(box["top"]) + 40, int(box["bottom"]) - 20, step):
+        for x in range(int(box["left"]) + 20, int(box["left"] + box["width"] / 2) - 40, step):
+            page.move(x, y)
+            if page.eval(f"document.querySelectorAll('.explorer')[{which}].dataset.hover"):
+                return x, y
+    raise AssertionError("no point found under the pointer")
 
 
 # ---------------------------------------------------------------- tests
@@ -168,9 +137,9 @@ def report(tmp_path_factory):
 
 def test_hovering_an_image_shows_its_thumbnail_from_file_urls(report, browser):
     run, out = report
-    page = Page(browser, out / layer_page("conv_a"))
+    page = open_explorer(browser, out / layer_page("conv_a"))
     try:
-        page.hover_a_point()
+        hover_a_point(page)
         card = page.eval("""(() => { const c = Array.from(document.querySelectorAll('.xp-card')).find(c => !c.hidden);
             const img = c.querySelector('img');
             return {index: c.dataset.index, text: c.textContent, src: img.getAttribute('src'),
@@ -188,7 +157,7 @@ def test_hovering_an_image_shows_its_thumbnail_from_file_urls(report, browser):
 
 def test_selection_lists_the_selected_images_and_colour_switches(report, browser):
     _, out = report
-    page = Page(browser, out / layer_page("conv_a"))
+    page = open_explorer(browser, out / layer_page("conv_a"))
     try:
         page.eval("""(() => { const d = Bokeh.documents.find(d => d.get_model_by_name('images-source'));
                       d.get_model_by_name('images-source').selected.indices = [0, 1, 2, 5, 8]; })()""")
@@ -201,7 +170,7 @@ def test_selection_lists_the_selected_images_and_colour_switches(report, browser
         page.eval("""(() => { const s = document.querySelector('.explorer select'); s.value = '1';
                       s.dispatchEvent(new Event('change')); })()""")
         assert page.eval("document.querySelector('.explorer').dataset.colour") == "c_cluster"
-        time.sleep(0.3)
+        page.pause(0.3)
         assert page.problems(out.resolve().as_uri() + "/")[0] == []
     finally:
         page.close()
@@ -209,26 +178,18 @@ def test_selection_lists_the_selected_images_and_colour_switches(report, browser
 
 def test_clicking_a_unit_opens_its_card(report, browser):
     _, out = report
-    page = Page(browser, out / layer_page("conv_b"))
+    page = open_explorer(browser, out / layer_page("conv_b"))
     try:
         options = page.eval("Array.from(document.querySelectorAll('.explorer')[1].querySelector('select').options)"
                             ".map(o => o.text)")
         assert {"cluster", "top class", "colour sensitivity", "grayscale sensitivity"} <= set(options)
-        x, y = page.hover_a_point(which=1, step=6)
+        x, y = hover_a_point(page, which=1, step=6)
         channel = int(page.eval("document.querySelectorAll('.explorer')[1].dataset.hover"))
         shown = page.eval("Array.from(document.querySelectorAll('.xp-card')).filter(c => !c.hidden)"
                           ".map(c => Array.from(c.querySelectorAll('img')).map(i => i.naturalWidth > 0))")
         assert shown and all(shown[0]) and len(shown[0]) >= 2  # top images (no maximization image here)
-        for kind in ("mousePressed", "mouseReleased"):
-            page.mouse(x, y, kind, button="left", clickCount=1)
-        href, deadline = "", time.monotonic() + 10
-        while "#u" not in href:  # the page navigates: evaluating may hit the moment it changes
-            assert time.monotonic() < deadline, href
-            time.sleep(0.1)
-            try:
-                href = page.eval("location.href")
-            except RuntimeError:
-                continue
+        page.click(x, y)
+        href = page.wait_for_url(lambda url: "#u" in url, timeout=10)  # the card opens on its gallery page
         assert href.endswith(f"{layer_page('conv_b')[:-5]}-units-{channel // 5 + 1}.html#u{channel}"), href
     finally:
         page.close()
@@ -269,9 +230,9 @@ def build_and_open(tmp_path, n, chromium, max_points=None):
     page_file = out / layer_page("conv_a")
     data = out / re.search(r'<script src="(explorer/[^"]+)"', page_file.read_text())[1]
     loaded = [out / "js" / "bokeh.min.js", out / "js" / "bokeh-gl.min.js", out / "js" / "explorer.js", data, page_file]
-    page = Page(chromium, page_file, timeout=300)
+    page = open_explorer(chromium, page_file, timeout=300)
     try:
-        page.hover_a_point(step=4)
+        hover_a_point(page, step=4)
         errors, outside = page.problems(out.resolve().as_uri() + "/")
         return {"points": n, "build_s": build, "report_mb": result.bytes / 1e6,
                 "page_mb": sum(p.stat().st_size for p in loaded) / 1e6, "data_mb": data.stat().st_size / 1e6,

@@ -1,8 +1,9 @@
 """The extract stage on the model shapes users bring, in every file format they save."""
+import functools
+
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 import zoo
 from pipeline import load_run
@@ -11,13 +12,8 @@ from pipeline.cli import main
 FORMATS = ["keras", "h5", "savedmodel"]
 
 
-def write_config(tmp_path, model, images, **extra):
-    cfg = {"name": "t", "out": str(tmp_path / "run"), "model": str(model),
-           "data": {"images": str(images)}, "extract": {"batch_size": 5}}
-    cfg.update(extra)
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+# Batches of 5 over the 12-image folder: the last batch is a short one.
+write_config = functools.partial(zoo.write_config, name="t", file="config.yaml", extract={"batch_size": 5})
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +105,8 @@ def test_npz_input_with_labels(tmp_path):
     x = rng.integers(0, 255, size=(7, 16, 16, 3), dtype=np.uint8)
     y = np.array([0, 1, 0, 1, 0, 1, 1])
     np.savez(tmp_path / "d.npz", x=x, y=y, class_names=np.array(["cat", "dog"]))
-    cfg = {"out": str(tmp_path / "run"), "model": zoo.save(zoo.sequential(), tmp_path / "m", "keras"),
-           "data": {"npz": str(tmp_path / "d.npz")}, "extract": {"batch_size": 3}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    zoo.write_config(tmp_path, zoo.save(zoo.sequential(), tmp_path / "m", "keras"), npz=tmp_path / "d.npz",
+                     extract={"batch_size": 3})
     assert main(["run", str(tmp_path / "c.yaml"), "--only", "extract"]) == 0
     run = load_run(tmp_path / "run")
     assert run.dataset.class_name.tolist() == ["cat", "dog", "cat", "dog", "cat", "dog", "dog"]

@@ -17,7 +17,6 @@ import zipfile
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from numpy.lib import format as npy
 from PIL import Image
 
@@ -313,9 +312,8 @@ def test_extract_records_the_classes_in_the_manifest(tmp_path):
     png(tmp_path / "images" / "a" / "1.png")
     (tmp_path / "images" / "b").mkdir()
     png(tmp_path / "images" / "c" / "2.png")
-    cfg = {"out": str(tmp_path / "run"), "model": zoo.save(zoo.sequential(), tmp_path / "m", "keras"),
-           "data": {"images": str(tmp_path / "images")}, "layers": ["out"], "extract": {"batch_size": 2}}
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    zoo.write_config(tmp_path, zoo.save(zoo.sequential(), tmp_path / "m", "keras"), tmp_path / "images",
+                     layers=["out"], extract={"batch_size": 2})
     assert main(["run", str(tmp_path / "c.yaml"), "--only", "extract"]) == 0
     run = load_run(tmp_path / "run")
     assert run.manifest["stages"]["extract"]["summary"]["classes"] == {"names": ["a", "b", "c"], "identity": True}

@@ -3,6 +3,7 @@
 Every case ends in exit 0 or a one-line ``error:``; no traceback, nothing written outside the
 run and report folders, no file of the user's changed or lost.
 """
+import functools
 import os
 import signal
 import subprocess
@@ -11,20 +12,13 @@ import textwrap
 import time
 
 import pytest
-import yaml
 
 import zoo
+from zoo import run_cli
 from pipeline import load_run
 from pipeline.cli import main
 from pipeline.errors import UserError
 from pipeline.rundir import LOCK, hold, locked
-
-
-def run_cli(*args):
-    """``python -m pipeline`` in a fresh process, as a user runs it."""
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", PIPELINE_PROGRESS="0")
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
 
 
 def one_line_error(stderr):
@@ -45,13 +39,8 @@ def setup(tmp_path_factory):
     return root, model
 
 
-def write_config(tmp_path, model, images, **extra):
-    cfg = {"name": "hostile", "out": str(tmp_path / "run"), "model": str(model), "data": {"images": str(images)},
-           "report": {"out": str(tmp_path / "report")}}
-    cfg.update(extra)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+# The report beside the run, so a test can check that nothing was written anywhere else.
+write_config = functools.partial(zoo.write_config, name="hostile", report_out="report")
 
 
 # --------------------------------------------------------------------------- trust is never inherited
@@ -127,9 +116,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 def test_two_runs_at_once_one_wins_and_the_store_is_complete(tmp_path, setup):
     root, model = setup
     path = write_config(tmp_path, model, root / "images", extract={"batch_size": 2, "chunk_rows": 2})
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", PIPELINE_PROGRESS="0")
-    cmd = [sys.executable, "-m", "pipeline", "run", str(path), "--only", "extract"]
-    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    procs = [zoo.start_cli("run", path, "--only", "extract", stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     # Both may succeed one after the other (the second then finds it up to date); never both at once.

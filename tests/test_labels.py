@@ -32,7 +32,7 @@ from pipeline.report.names import class_page
 from pipeline.runner import Runner
 from pipeline.stages import cluster, extract, maximize, probe
 from pipeline.store import RunStore
-from test_report import add_embeddings_and_maximize, browser  # noqa: F401 - the Chromium fixture
+from test_report import add_embeddings_and_maximize
 
 NOT_MATCHED = "predictions are not matched to labels"
 MB = 1_000_000
@@ -43,9 +43,7 @@ MB = 1_000_000
 
 def run_and_report(root, data, model):
     """Extract, cluster, probe, made-up embeddings and maximization rows, report: ``(cfg, report folder)``."""
-    raw = {"name": root.name, "out": str(root / "run"), "model": model, "data": data,
-           "cluster": {"bootstrap": 2}, "probe": {"bootstrap": 100}}
-    (root / "c.yaml").write_text(yaml.safe_dump(raw))
+    zoo.write_config(root, model, name=root.name, data=data, cluster={"bootstrap": 2}, probe={"bootstrap": 100})
     cfg = load_config(root / "c.yaml")
     Runner(cfg, [extract.STAGE, cluster.STAGE]).run()
     add_embeddings_and_maximize(cfg.out_dir)
@@ -320,9 +318,9 @@ def test_the_maximize_stage_names_class_images_only_when_outputs_are_classes(fix
     cfg, _ = request.getfixturevalue(fixture)
     shutil.copytree(cfg.out_dir, tmp_path / "run")
     raw = yaml.safe_load((cfg.out_dir.parent / "c.yaml").read_text())
-    raw.update(out=str(tmp_path / "run"),
+    raw.update(out=tmp_path / "run",
                maximize={"steps": 4, "batch_size": 4, "units": [], "clusters": False, "max_seconds": None})
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    zoo.write_config(tmp_path, **raw)
     Runner(load_config(tmp_path / "c.yaml"), [extract.STAGE, cluster.STAGE, maximize.STAGE]).run(only="maximize")
     index = pd.read_parquet(tmp_path / "run" / "maximize" / "index.parquet")
     classes = index[index["kind"] == "class"].sort_values("class")

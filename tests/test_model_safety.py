@@ -18,8 +18,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import json  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import zipfile  # noqa: E402
 
 import keras  # noqa: E402
@@ -32,6 +30,7 @@ from pipeline.errors import UnsafeModelError, UserError  # noqa: E402
 from pipeline.models import (  # noqa: E402
     check_keras_version, check_safe, class_nodes, load_model, unsafe_parts)
 from pipeline.savedmodel import GraphModel  # noqa: E402
+from zoo import run_cli  # noqa: E402
 
 L = keras.layers
 IMAGES = [tf.TensorSpec((None, 8, 8, 3), tf.float32)]
@@ -115,13 +114,6 @@ def models(tmp_path_factory):
         "keras_saved": root / "keras_saved",
     }
     return paths, loot
-
-
-def run_cli(*args):
-    """``python -m pipeline ARGS`` in a fresh process, as a user runs it."""
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
 
 
 def rewritten(src, dst, edit):

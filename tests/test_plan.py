@@ -1,5 +1,5 @@
 """`plan` and the first lines of `run`: work, time and memory per stage before any work; partial stages."""
-import yaml
+import functools
 
 import zoo
 from pipeline.cli import main
@@ -7,15 +7,10 @@ from pipeline.config import DataConfig
 from pipeline.planning import Plan, StageEstimate, count_images
 
 
-def write_config(tmp_path, model, images, **extra):
-    cfg = {"name": "plan", "out": str(tmp_path / "run"), "model": str(model), "data": {"images": str(images)},
-           "embed": {"methods": ["tsne"], "of": ["images"]}, "cluster": {"bootstrap": 2},
-           "probe": {"probes": ["grayscale"], "bootstrap": 100},
-           "report": {"out": str(tmp_path / "report"), "explorer": False}}
-    cfg.update(extra)
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+# Every stage small and the report beside the run; each test adds its maximize section.
+write_config = functools.partial(
+    zoo.write_config, name="plan", report_out="report", embed={"methods": ["tsne"], "of": ["images"]},
+    cluster={"bootstrap": 2}, probe={"probes": ["grayscale"], "bootstrap": 100}, report={"explorer": False})
 
 
 def test_plan_prints_every_stage_with_time_and_memory_and_cuts_over_budget(tmp_path, capsys):

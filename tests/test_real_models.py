@@ -8,9 +8,9 @@ import json
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
+import zoo
 from pipeline import load_run
 from pipeline.cli import main
 
@@ -46,13 +46,12 @@ def finished_run(request, tmp_path_factory):
     model = getattr(keras.applications, arch)(input_shape=(size, size, 3), weights=None, classes=4, **extra)
     model.save(root / "model.keras")
     image_folder(root / "images", size)
-    cfg = {"name": request.param, "out": str(root / "run"), "model": str(root / "model.keras"),
-           "data": {"images": str(root / "images")}, "report": {"out": str(root / "report")},
-           "embed": {"methods": ["tsne"]}, "cluster": {"bootstrap": 2},
-           "probe": {"bootstrap": 100}, "maximize": {"steps": 8}}
+    maximize = {"steps": 8}
     if request.param != "resnet50":  # one compiled act-max graph per layer: the last layer and the classes here
-        cfg["maximize"]["layers"] = "last"
-    (root / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        maximize["layers"] = "last"
+    zoo.write_config(root, root / "model.keras", root / "images", file="cfg.yaml", report_out="report",
+                     name=request.param, embed={"methods": ["tsne"]}, cluster={"bootstrap": 2},
+                     probe={"bootstrap": 100}, maximize=maximize)
     code = main(["run", str(root / "cfg.yaml")])
     return request.param, root, code
 

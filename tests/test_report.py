@@ -6,16 +6,10 @@ and maximize not run: "not computed") and once after embedding and maximization 
 contract's columns are added to it and the probe stage has run.
 """
 import dataclasses
-import fcntl
 import html
 import json
-import os
 import re
-import select
 import shutil
-import subprocess
-import tempfile
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -23,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from PIL import Image
 
 import zoo
@@ -51,9 +44,8 @@ def built(tmp_path_factory):
     zoo.image_folder(root / "images", classes=(EVIL, "b", "c"), per_class=4)
     (root / "images" / "b" / "broken.png").write_bytes(b"<not a png>")
     model = zoo.save(zoo.nested(), root / "model", "keras")
-    raw = {"name": "evil", "out": str(root / "run"), "model": model, "data": {"images": str(root / "images")},
-           "cluster": {"bootstrap": 3}, "report": {"out": str(root / "reports" / "plain"), "units_per_page": 2}}
-    (root / "c.yaml").write_text(yaml.safe_dump(raw))
+    zoo.write_config(root, model, root / "images", name="evil", cluster={"bootstrap": 3},
+                     report={"out": str(root / "reports" / "plain"), "units_per_page": 2})
     cfg = load_config(root / "c.yaml")
     Runner(cfg, [extract.STAGE, cluster.STAGE, REPORT]).run()
     add_embeddings_and_maximize(cfg.out_dir)
@@ -328,128 +320,6 @@ def test_a_folder_not_written_by_the_report_is_never_replaced(built, tmp_path):
 
 
 # ---------------------------------------------------------------- browser
-
-
-class Chromium:
-    """Headless Chromium driven over the DevTools protocol on a pipe (fds 3/4, NUL-separated JSON).
-
-    No websocket library is needed, nothing listens on a port, and nothing is injected into the
-    pages: the checks run from outside, through the protocol.
-    """
-
-    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-pipe",
-             "--enable-unsafe-swiftshader"]  # software WebGL for the explorer, without a deprecation warning
-
-    def __init__(self, binary):
-        self.profile = tempfile.mkdtemp(prefix="chromium-")
-        to_chrome, self._out = os.pipe()
-        self._in, from_chrome = os.pipe()
-
-        def wire():  # in the child: the protocol wants fd 3 for reading, fd 4 for writing
-            a, b = (fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome, from_chrome))
-            os.dup2(a, 3)  # dup2 makes 3 and 4 inheritable, so they survive exec
-            os.dup2(b, 4)
-
-        self.proc = subprocess.Popen([binary, *self.FLAGS, f"--user-data-dir={self.profile}", "about:blank"],
-                                     preexec_fn=wire, close_fds=False,  # close_fds would run after wire()
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(to_chrome)
-        os.close(from_chrome)
-        self._buf, self._id, self.events = b"", 0, []
-
-    def call(self, method, params=None, session=None, timeout=20):
-        self._id += 1
-        msg = {"id": self._id, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self._out, json.dumps(msg).encode() + b"\0")
-        deadline = time.monotonic() + timeout
-        while True:
-            reply = self._read(deadline)
-            if reply.get("id") == self._id:
-                if "error" in reply:
-                    raise RuntimeError(f"{method}: {reply['error']}")
-                return reply.get("result", {})
-            self.events.append(reply)
-
-    def _read(self, deadline):
-        while b"\0" not in self._buf:
-            ready, _, _ = select.select([self._in], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                raise TimeoutError("no answer from chromium")
-            chunk = os.read(self._in, 1 << 16)
-            if not chunk:
-                raise RuntimeError("chromium exited")
-            self._buf += chunk
-        msg, self._buf = self._buf.split(b"\0", 1)
-        return json.loads(msg)
-
-    def wait_for(self, method, session, timeout=20):
-        deadline = time.monotonic() + timeout
-        while not any(e.get("method") == method and e.get("sessionId") == session for e in self.events):
-            self.events.append(self._read(deadline))
-
-    def check(self, url, inside):
-        """Open ``url``; return problems: console errors, broken images, requests outside ``inside``."""
-        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        for domain in ("Page", "Runtime", "Log", "Network"):
-            self.call(f"{domain}.enable", session=session)
-        self.events = []
-        nav = self.call("Page.navigate", {"url": url}, session)
-        assert not nav.get("errorText"), nav
-        self.wait_for("Page.loadEventFired", session)
-        images = self.call("Runtime.evaluate", {"returnByValue": True, "expression": (
-            "JSON.stringify({broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
-            ".map(i => i.getAttribute('src')), count: document.images.length, css: document.styleSheets.length})")},
-            session)
-        found = json.loads(images["result"]["value"])
-        time.sleep(0.1)
-        self.call("Target.closeTarget", {"targetId": target})
-        mine = [e for e in self.events if e.get("sessionId") == session]
-        return {"console": [_message(e) for e in mine if _is_error(e)],
-                "broken": found["broken"], "images": found["count"], "stylesheets": found["css"],
-                "outside": [u for u in (e["params"]["request"]["url"] for e in mine
-                                        if e.get("method") == "Network.requestWillBeSent")
-                            if not (u.startswith(inside) or u.startswith("data:"))],
-                "requests": sum(e.get("method") == "Network.requestWillBeSent" for e in mine)}
-
-    def close(self):
-        try:
-            self.call("Browser.close", timeout=5)
-        except (RuntimeError, TimeoutError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        os.close(self._out)
-        os.close(self._in)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
-def _is_error(event):
-    method, p = event.get("method"), event.get("params", {})
-    return (method == "Runtime.exceptionThrown"
-            or (method == "Runtime.consoleAPICalled" and p.get("type") in ("error", "warning", "assert"))
-            or (method == "Log.entryAdded" and p["entry"].get("level") in ("error", "warning"))
-            or method == "Network.loadingFailed")
-
-
-def _message(event):
-    p = event.get("params", {})
-    return p.get("entry", {}).get("text") or p.get("errorText") or p.get("blockedReason") or json.dumps(p)[:200]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it when it can)")
-    b = Chromium(binary)
-    yield b
-    b.close()
 
 
 def test_the_checker_catches_each_kind_of_problem(browser, tmp_path):

@@ -1,33 +1,17 @@
 """Killing extraction at any point loses nothing: a rerun finishes with bit-identical arrays."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
-import yaml
 
 import zoo
 from pipeline import load_run
 
 
-def heavy_model():
-    """Slow enough per batch (a few ms) that a kill lands mid-run."""
-    import keras
-
-    inp = keras.Input((48, 48, 3))
-    x = keras.layers.Conv2D(48, 3, padding="same", activation="relu", name="c1")(inp)
-    x = keras.layers.Conv2D(48, 3, padding="same", activation="relu", name="c2")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(3, name="out")(x))
-
-
 def start(config):
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "extract", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return zoo.start_cli("extract", config, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def done_batches(run_dir):
@@ -53,15 +37,11 @@ def kill_after(config, run_dir, batches, timeout=120):
 
 def test_sigkill_during_extract_then_rerun_gives_identical_arrays(tmp_path):
     zoo.image_folder(tmp_path / "images", per_class=40, size=48)
-    model = zoo.save(heavy_model(), tmp_path / "m", "keras")
+    model = zoo.save(zoo.slow_model(filters=48), tmp_path / "m", "keras")  # a kill lands mid-run
 
     def config(name):
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"out": str(tmp_path / name), "model": model,
-                                        "data": {"images": str(tmp_path / "images")},
-                                        "extract": {"batch_size": 4, "chunk_rows": 4,
-                                                    "spatial_samples": 2}}))
-        return path
+        return zoo.write_config(tmp_path, model, tmp_path / "images", out=name, file=f"{name}.yaml",
+                                extract={"batch_size": 4, "chunk_rows": 4, "spatial_samples": 2})
 
     clean = config("clean")
     assert start(clean).wait() == 0

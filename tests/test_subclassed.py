@@ -2,7 +2,6 @@
 import keras
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 import zoo
@@ -68,14 +67,12 @@ def full_run(saved, tmp_path_factory):
     """A whole `pipeline run` on 24 images in two classes; returns the run directory."""
     root = tmp_path_factory.mktemp("subclassed_run")
     zoo.image_folder(root / "images", classes=("a", "b"), per_class=12, size=SIZE)
-    cfg = {"out": str(root / "run"), "model": saved, "trust_model": True,
-           "data": {"images": str(root / "images")},
-           "embed": {"methods": ["tsne"], "of": ["images"]}, "cluster": {"bootstrap": 3},
-           "probe": {"bootstrap": 100, "probes": ["grayscale"]},
-           "maximize": {"steps": 4, "units": "top:2", "batch_size": 4, "layers": ["block/conv1"],
-                        "clusters": False},
-           "report": {"out": str(root / "report"), "explorer": False}}
-    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    zoo.write_config(root, saved, root / "images", file="run.yaml", report_out="report", trust_model=True,
+                     embed={"methods": ["tsne"], "of": ["images"]}, cluster={"bootstrap": 3},
+                     probe={"bootstrap": 100, "probes": ["grayscale"]},
+                     maximize={"steps": 4, "units": "top:2", "batch_size": 4, "layers": ["block/conv1"],
+                               "clusters": False},
+                     report={"explorer": False})
     assert main(["run", str(root / "run.yaml")]) == 0
     return root / "run"
 

@@ -1,9 +1,18 @@
-"""Tiny models and image folders built in code, shared by the tests."""
+"""Tiny models, image folders, config files and CLI runs built in code, shared by the tests.
+
+The benchmarks under ``tests/benchmarks/`` import this module too (they put ``tests/`` on
+``sys.path``), so nothing here needs pytest.
+"""
 import os
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import yaml
 from PIL import Image
 
 
@@ -67,6 +76,33 @@ def depthwise(size=16, channels=3, classes=3):
     return k.Model(inp, k.layers.Dense(classes, name="out")(x), name="dw")
 
 
+def slow_model(filters=32, size=48, classes=3):
+    """Two ``filters``-wide 3x3 convolutions on ``size`` px: a few ms per batch of 4 on CPU.
+
+    Slow enough that a SIGKILL sent after a few recorded batches (or shards) lands while the
+    run is still going; the tests that kill runs assert that it did. Layers ``c1``, ``c2``, ``out``.
+
+    Parameters
+    ----------
+    filters : int, default=32
+        Channels of both convolutions; more is slower (the resume test uses 48).
+    size : int, default=48
+        Input height and width (RGB).
+    classes : int, default=3
+        Outputs of the dense head.
+
+    Returns
+    -------
+    keras.Model
+    """
+    k = _keras()
+    inp = k.Input((size, size, 3))
+    x = k.layers.Conv2D(filters, 3, padding="same", activation="relu", name="c1")(inp)
+    x = k.layers.Conv2D(filters, 3, padding="same", activation="relu", name="c2")(x)
+    x = k.layers.GlobalAveragePooling2D()(x)
+    return k.Model(inp, k.layers.Dense(classes, name="out")(x))
+
+
 ARCHITECTURES = {"sequential": sequential, "branched": branched, "nested": nested,
                  "batchnorm": batchnorm, "depthwise": depthwise}
 
@@ -120,3 +156,112 @@ def peak_bytes(fn):
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def write_config(folder, model, images=None, npz=None, *, out="run", file="c.yaml", report_out=None,
+                 **sections):
+    """Write a run's YAML config into ``folder``; returns its path.
+
+    Parameters
+    ----------
+    folder : path-like
+        Where the file goes; ``out`` is relative to it.
+    model : path-like
+        The model file or SavedModel folder (written as a string).
+    images, npz : path-like, optional
+        ``data.images`` / ``data.npz``; neither given and no ``data`` section: no ``data`` key.
+    out : str or path-like or None, default="run"
+        The run directory, ``folder / out`` (an absolute ``out`` stays as it is); ``None`` leaves
+        the key out, for tests of configs without one.
+    file : str, default="c.yaml"
+        File name inside ``folder``.
+    report_out : str, optional
+        ``report.out`` as ``folder / report_out``, merged under a ``report`` section (whose own
+        ``out`` wins): the report beside the run without spelling the folder out in each test.
+    **sections
+        Any other top-level keys (``name``, ``layers``, ``extract``, ``report``, ...), written as
+        given. A ``data`` section replaces the one built from ``images``/``npz`` as a whole, as
+        ``dict.update`` would: tests pass it to write ``data`` exactly as they mean it.
+
+    Returns
+    -------
+    pathlib.Path
+        ``folder / file``.
+    """
+    folder = Path(folder)
+    cfg = {"model": str(model)}
+    if out is not None:
+        cfg["out"] = str(folder / out)
+    data = {key: str(value) for key, value in (("images", images), ("npz", npz)) if value is not None}
+    if data:
+        cfg["data"] = data
+    cfg.update(sections)
+    if report_out is not None:
+        cfg["report"] = {"out": str(folder / report_out), **sections.get("report", {})}
+    path = folder / file
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli_env(**extra):
+    """The environment of a ``python -m pipeline`` child: this one, oneDNN off, progress not forced.
+
+    ``TF_ENABLE_ONEDNN_OPTS=0`` because oneDNN's gradient of a strided 1x1 convolution can crash
+    on CPU. ``PIPELINE_PROGRESS=0`` is no mode, so the child picks by its stderr (a pipe: plain
+    lines) whatever the caller's shell exports; a test's expected stderr must not depend on it.
+
+    Parameters
+    ----------
+    **extra : str
+        Further variables, overriding these.
+
+    Returns
+    -------
+    dict
+    """
+    return dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", PIPELINE_PROGRESS="0", **extra)
+
+
+def cli_command(*args):
+    """``[python, -m, pipeline, *args]`` with every argument as a string."""
+    return [sys.executable, "-m", "pipeline", *map(str, args)]
+
+
+def run_cli(*args, cwd=None, timeout=600):
+    """Run ``python -m pipeline ARGS`` in a fresh process, as a user would, and wait for it.
+
+    A fresh process is the point: start-up, exit codes and what reaches stderr are what is tested.
+
+    Parameters
+    ----------
+    *args : str or path-like
+        Command-line arguments after ``python -m pipeline``.
+    cwd : path-like, optional
+        Working directory of the child (default: this process's).
+    timeout : float, default=600
+        Seconds before ``subprocess.TimeoutExpired``: a hung child fails the test, never the suite.
+
+    Returns
+    -------
+    subprocess.CompletedProcess
+        With ``returncode`` and text ``stdout`` / ``stderr``.
+    """
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, env=cli_env(), cwd=cwd,
+                          timeout=timeout)
+
+
+def start_cli(*args, **popen):
+    """Start ``python -m pipeline ARGS`` without waiting, for tests that kill or race runs.
+
+    Parameters
+    ----------
+    *args : str or path-like
+        Command-line arguments after ``python -m pipeline``.
+    **popen
+        Passed to ``subprocess.Popen`` (``stdout``, ``stderr``, ``text``, ...).
+
+    Returns
+    -------
+    subprocess.Popen
+    """
+    return subprocess.Popen(cli_command(*args), env=cli_env(), **popen)

@@ -14,7 +14,7 @@ What is measured, all in the same run on the same machine:
    interpreter (so start-up is paid every time and peak RSS is that run's own), at N and at 4N
    images. The *steady* rate counts images per second once the model is loaded and traced
    everywhere: for the local engine from the end of the first batch to the end of the last one
-   (the batch runner is wrapped with a timer, not changed); on Dask from the first shard's start
+   (timed by the stage's own progress bar, ``harness.watch_progress``); on Dask from the first shard's start
    to the last shard's end (Dask's task stream; every worker loaded and traced the model before,
    while the client checked the images). The *whole-stage* rate ``4N / t(4N)`` includes start-up
    (cluster, TensorFlow import in every worker, model load, image check). Marginal CPU time per
@@ -35,36 +35,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parents[1]
-for p in (str(ROOT), str(HERE)):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
-import numpy as np  # noqa: E402
+import harness  # first: oneDNN off and the repository on sys.path, before TensorFlow is imported
+import numpy as np
 
 CHUNK_ROWS = 512
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)
+    harness.log(msg, stream=sys.stderr)
 
 
 # --------------------------------------------------------------------------- one run (child process)
 
 
+# Run on the workers by client.run: defined in __main__, so Dask ships them by value and a worker
+# needs nothing of this folder importable.
 def _peak_kb():
+    import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
@@ -92,10 +86,11 @@ def child(spec_path):
                                env=dict(WORKER_ENV), dashboard_address=None, silence_logs=logging.ERROR)
         client = Client(cluster)
         cfg.scheduler = cluster.scheduler_address
-    stamps = _stamp_batches() if client is None else None
+    stamps = []  # when each batch of the local engine is back, from the stage's progress bar
     t0 = time.perf_counter()
     if client is None:
-        Runner(cfg, all_stages()).run(only="extract", force=True)
+        with harness.watch_progress("extract", on_update=lambda n: stamps.append(time.perf_counter())):
+            Runner(cfg, all_stages()).run(only="extract", force=True)
     else:
         from distributed import get_task_stream
 
@@ -109,7 +104,7 @@ def child(spec_path):
         spans = [(s["start"], s["stop"]) for t in stream.data if t["key"].startswith("extract_shard")
                  for s in t["startstops"] if s["action"] == "compute"]
         steady = n / (max(b for _, b in spans) - min(a for a, _ in spans))
-    out = {"seconds": seconds, "steady": steady, "client_peak_kb": _peak_kb(), "cpu": time.process_time()}
+    out = {"seconds": seconds, "steady": steady, "client_peak_kb": harness.peak_kb(), "cpu": time.process_time()}
     if client is not None:
         out["worker_peak_kb"] = sorted(client.run(_peak_kb).values())
         out["cpu"] += sum(client.run(_cpu_seconds).values())
@@ -118,38 +113,13 @@ def child(spec_path):
         close_client()
         client.close()
         cluster.close()
-    print(json.dumps(out))
-
-
-def _stamp_batches():
-    """Record when each batch of the local engine finishes (wraps the stage's batch runner)."""
-    from pipeline.stages import extract
-
-    stamps, build = [], extract._batch_runner
-
-    def batch_runner(*a, **k):
-        run_batch = build(*a, **k)
-
-        def timed(pixels, start):
-            out = run_batch(pixels, start)
-            stamps.append(time.perf_counter())
-            return out
-
-        return timed
-
-    extract._batch_runner = batch_runner
-    return stamps
+    harness.emit(out)
 
 
 def run_child(tmp, tag, config, workers=None):
     spec = Path(tmp) / f"{tag}.json"
     spec.write_text(json.dumps({"config": config, "workers": workers}))
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, __file__, "--child", str(spec)], capture_output=True, text=True,
-                         env=env, cwd=str(ROOT))
-    if out.returncode:
-        sys.exit(f"run {tag} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return harness.run_child([sys.executable, __file__, "--child", spec], f"run {tag}").json()
 
 
 # --------------------------------------------------------------------------- driver
@@ -170,9 +140,7 @@ def save_assets(tmp, n_max):
 
 
 def make_assets(tmp, n_max):
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
-    subprocess.run([sys.executable, __file__, "--make-assets", str(tmp), str(n_max)], check=True, env=env,
-                   cwd=str(ROOT))
+    harness.run_child([sys.executable, __file__, "--make-assets", tmp, n_max], "making the assets")
     return str(Path(tmp) / "mini_resnet.keras"), str(Path(tmp) / "images")
 
 

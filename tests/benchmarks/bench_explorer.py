@@ -9,7 +9,8 @@ A synthetic run (no model: dataset, thumbnails, activations, image and unit embe
 probe sensitivities written directly by ``tests/test_explorer.py:synthetic_run``) is reported
 with ``report.explorer_max_points`` set to ``--max-points`` (default: all points drawn), then the
 layer page is opened in headless Chromium (software WebGL, as on a machine without a GPU) from
-``file://``. Printed:
+``file://``, driven by Playwright as in the tests (``tests/browser.py``: the system chromium, no
+browser download). Printed:
 
 - build: seconds for the whole report (all pages, figures, sprite sheets, explorer data);
 - page: bytes a reader's browser loads for one layer page before any hover (HTML, BokehJS, the
@@ -27,8 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+import harness  # noqa: F401 - first: the repository and tests/ on sys.path
 
 
 def main():
@@ -37,14 +37,13 @@ def main():
     parser.add_argument("--max-points", type=int, default=None, help="report.explorer_max_points (default: all)")
     args = parser.parse_args()
 
+    import browser
     import test_explorer
-    from test_report import Chromium
 
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        sys.exit("chromium is not installed")
+    if browser.missing():
+        sys.exit(browser.missing())
     tmp = Path(tempfile.mkdtemp(prefix="bench-explorer-"))
-    chromium = Chromium(binary)
+    chromium = browser.launch()
     try:
         f = test_explorer.build_and_open(tmp, args.points, chromium, max_points=args.max_points or args.points)
     finally:

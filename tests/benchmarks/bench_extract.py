@@ -11,8 +11,9 @@ What is measured, all in the same run on the same machine:
    mini-ResNet (64x64x3, seven conv layers of 64-128 channels + a dense head; ``layers: auto``
    taps all eight) against ``tf.function`` of the same model over the same uint8 batches already
    in memory (cast and scaled inside the function, only the logits' ``.numpy()`` taken). The
-   stage is instrumented, not changed: ``make_forward``, ``_stream``, ``pixel_loader``, zarr
-   writes and the progress-file writes are wrapped with timers. The headline ratio uses the
+   stage is instrumented, not changed: ``make_forward`` and ``pixel_loader`` (as the stage module
+   imports them), zarr writes and the progress-file writes are wrapped with timers, and the batch
+   loop is timed by the stage's own progress bar (``harness.watch_progress``). The headline ratio uses the
    *streaming* time: from the end of the first forward call (model load, dataset check and
    the first trace are excluded) to the end of the batch loop, over the images after the first
    batch; anything that happens per batch after that (a retrace for the last, smaller batch,
@@ -39,24 +40,18 @@ import contextlib
 import io
 import json
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-os.environ["TF_ENABLE_ONEDNN_OPTS"] = "0"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import harness  # first: oneDNN off and the repository on sys.path, before TensorFlow is imported
+import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
+from harness import log, ok
 
 SIZE, CLASSES, BATCH = 64, 10, 64
 AFTER_IMPORT_KB = None
@@ -127,7 +122,7 @@ class Probe:
 
     def __init__(self):
         self.calls = []          # (t0, t1, batch size, cpu at t1) of each forward call
-        self.stream = None       # (t0, t1, cpu at t1) of _stream
+        self.stream = None       # (t0, t1, cpu at t1) of the batch loop (the stage's progress bar)
         self.zarr = []           # (t0, t1) of each zarr chunk write
         self.lookups = []        # (t0, t1) of each zarr group lookup (root[key], key in root)
         self.progress = []       # (t0, t1) of each extract.progress.json write
@@ -165,8 +160,7 @@ def instrumented(probe):
     from pipeline.stages import extract
     from pipeline.store import RunStore
 
-    orig = {"make_forward": extract.make_forward, "_stream": extract._stream,
-            "pixel_loader": extract.pixel_loader}
+    orig = {"make_forward": extract.make_forward, "pixel_loader": extract.pixel_loader}
     orig_setitem, orig_write_json = zarr.Array.__setitem__, RunStore.write_json
     orig_getitem, orig_contains = zarr.Group.__getitem__, zarr.Group.__contains__
     clock, cpu = time.perf_counter, time.process_time
@@ -182,15 +176,16 @@ def instrumented(probe):
 
         return timed
 
-    def stream(*a, **k):
-        probe.rss_before_stream_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        reset_peak_rss()
-        t0 = clock()
-        try:
-            return orig["_stream"](*a, **k)
-        finally:
-            probe.stream = (t0, clock(), cpu())
-            probe.stream_hwm_kb = peak_rss_kb()
+    stream_start = []
+
+    def loop_opens():  # the bar opens just before the first batch is loaded
+        probe.rss_before_stream_kb = harness.peak_kb()
+        harness.reset_peak_rss()
+        stream_start.append(clock())
+
+    def loop_closed():  # ... and closes after the last chunk write finished
+        probe.stream = (stream_start[-1], clock(), cpu())
+        probe.stream_hwm_kb = harness.status_kb("VmHWM")
 
     def pixel_loader(*a, **k):
         load = orig["pixel_loader"](*a, **k)
@@ -228,34 +223,16 @@ def instrumented(probe):
         if name == extract.PROGRESS:
             probe.progress.append((t0, clock()))
 
-    extract.make_forward, extract._stream, extract.pixel_loader = make_forward, stream, pixel_loader
+    extract.make_forward, extract.pixel_loader = make_forward, pixel_loader
     zarr.Array.__setitem__, RunStore.write_json = setitem, write_json
     zarr.Group.__getitem__, zarr.Group.__contains__ = getitem, contains
     try:
-        yield probe
+        with harness.watch_progress("extract", on_open=loop_opens, on_close=loop_closed):
+            yield probe
     finally:
-        extract.make_forward, extract._stream = orig["make_forward"], orig["_stream"]
-        extract.pixel_loader = orig["pixel_loader"]
+        extract.make_forward, extract.pixel_loader = orig["make_forward"], orig["pixel_loader"]
         zarr.Array.__setitem__, RunStore.write_json = orig_setitem, orig_write_json
         zarr.Group.__getitem__, zarr.Group.__contains__ = orig_getitem, orig_contains
-
-
-def reset_peak_rss():
-    """Reset this process's VmHWM (Linux >= 4.0), so a later read gives the peak from now on."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_kb():
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def run_extract(raw_cfg, quiet=True):
@@ -303,7 +280,8 @@ def make_ours_forward(model_path):
     """The stage's own compiled forward (pipeline.forward.make_forward on the extractor), no I/O."""
     from pipeline.config import parse_scale
     from pipeline.forward import make_forward
-    from pipeline.models import load_model, select_layers
+    from pipeline.autolayers import select_layers
+    from pipeline.models import load_model
     from pipeline.stages.extract import layer_kinds
 
     model = load_model(model_path)
@@ -326,21 +304,15 @@ def child_main(cfg_json):
     """In a fresh interpreter: run the stage, print peak RSS (KB) as JSON on stdout."""
     raw = json.loads(Path(cfg_json).read_text())
     seconds, probe = run_extract(raw)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_kb": peak, "before_stream_kb": probe.rss_before_stream_kb,
-                      "stream_peak_kb": probe.stream_hwm_kb, "after_import_kb": AFTER_IMPORT_KB,
-                      "seconds": seconds, "images": sum(c[2] for c in probe.calls)}))
+    harness.emit({"peak_kb": harness.peak_kb(), "before_stream_kb": probe.rss_before_stream_kb,
+                  "stream_peak_kb": probe.stream_hwm_kb, "after_import_kb": AFTER_IMPORT_KB,
+                  "seconds": seconds, "images": sum(c[2] for c in probe.calls)})
 
 
 def measure_rss(raw_cfg, tmp, tag):
     cfg_path = Path(tmp) / f"rss_{tag}.json"
     cfg_path.write_text(json.dumps(raw_cfg))
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, __file__, "--child", str(cfg_path)], capture_output=True,
-                         text=True, env=env, cwd=str(ROOT))
-    if out.returncode:
-        sys.exit(f"RSS child failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return harness.run_child([sys.executable, __file__, "--child", cfg_path], "RSS child").json()
 
 
 # --------------------------------------------------------------------------- main
@@ -362,7 +334,7 @@ def main():
         tensorflow()
         import zarr  # noqa: F401
 
-        AFTER_IMPORT_KB = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        AFTER_IMPORT_KB = harness.peak_kb()
         return child_main(args.child)
     n = args.n or (512 if args.quick else 4000)
     rss_n = args.rss_n or (300 if args.quick else 2000)
@@ -380,23 +352,14 @@ def main():
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    load_end = os.getloadavg()
     print()
-    print(f"{'metric':<48} {'value':<28} {'target':<8} ok")
-    for metric, value, target, ok in rows:
-        print(f"{metric:<48} {value:<28} {target:<8} {ok}")
+    harness.print_checks(rows, widths=(48, 28, 8))
     print()
     for line in notes:
         print("- " + line)
-    busy = max(load_start[0], load_end[0]) > (os.cpu_count() or 1)
-    print(f"- Load average (1 min) at start / end: {load_start[0]:.1f} / {load_end[0]:.1f} on "
-          f"{os.cpu_count()} CPUs" + ("; the machine was shared with other work, so wall-clock rates are "
-                                     "noisy: the CPU-time ratio is the steadier figure." if busy else "."))
-    print(f"- Total benchmark time {time.perf_counter() - t_start:.0f} s.")
-
-
-def log(msg):
-    print(msg, flush=True)
+    print("\n".join(harness.machine_lines(load_start, t_start, busy_note=(
+        "the machine was shared with other work, so wall-clock rates are noisy: the CPU-time ratio is the "
+        "steadier figure."))))
 
 
 def run_all(tf, tmp, n, rss_n, repeats):
@@ -500,9 +463,6 @@ def run_all(tf, tmp, n, rss_n, repeats):
     cpu_best = {k: min(sv[1]["cpu_per_img"] for sv in v) for k, v in ours.items()}
     rows, notes = [], []
 
-    def ok(flag):
-        return "yes" if flag else "NO"
-
     ratio = {k: best[k][1]["rate"] / bare_rate for k in best}
     rows.append(("bare tf.function forward (img/s)", f"{bare_rate:.0f}", "", ""))
     rows.append(("extract, npz (img/s)", f"{best['npz'][1]['rate']:.0f}", "", ""))
@@ -539,7 +499,8 @@ def run_all(tf, tmp, n, rss_n, repeats):
                  "first forward call to the end of the batch loop (model load, dataset check and first trace "
                  "excluded; per-batch work, writes and any retrace included), measured inside "
                  "Runner(cfg, all_stages()).run(only='extract') with timers wrapped around "
-                 "make_forward/_stream/pixel_loader/zarr calls/progress writes (stage code unchanged). "
+                 "make_forward/pixel_loader/zarr calls/progress writes and the batch loop timed by the "
+                 "stage's progress bar (stage code unchanged). "
                  "CPU time = time.process_time() of the whole process (all threads) over the same interval.")
     notes.append("* The PNG-folder row decodes every PNG with Pillow in the loader's thread pool, on the same "
                  "2 cores as the model: it shows the decoding cost; the 0.9 target applies to the npz row. The "

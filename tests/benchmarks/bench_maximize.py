@@ -21,15 +21,12 @@ whose dataset max is clearly positive.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import numpy as np  # noqa: E402
+import harness  # noqa: F401 - first: oneDNN off and the repository on sys.path, before TensorFlow
+import numpy as np
 
 
 def dataset_activations(keras, model, layer, image_dir):

@@ -55,16 +55,18 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import harness  # first: the repository and tests/ on sys.path
+from harness import ChildResult, log, run_measured
+
+import zoo
+
 STAGES = ("extract", "embed", "cluster", "probe", "maximize", "report")
 CLASSES = 10
 MODELS = {  # name: (keras.applications attribute, input size, time target in minutes)
@@ -75,17 +77,6 @@ QUICK_N, QUICK_SIZE, FULL_N = 200, 96, 2000
 RSS_TARGET_GB = 6.0
 MAX_STAGE_SHARE = 0.5
 KEEP_MARKER = ".bench_real_models"
-
-
-def log(msg=""):
-    print(msg, flush=True)
-
-
-def child_env():
-    """Environment of every child: TensorFlow without oneDNN, plain progress lines, the repo importable."""
-    env = dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2", PIPELINE_PROGRESS="plain")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    return env
 
 
 # --------------------------------------------------------------------------- data and models
@@ -151,123 +142,25 @@ def build_model_child(arch, size, path):
 
 def build_model(arch, size, path):
     """Build and save a model in a short child process (this process never imports TensorFlow)."""
-    out = subprocess.run([sys.executable, __file__, "--build-model", arch, str(size), str(path)],
-                         capture_output=True, text=True, env=child_env(), cwd=str(ROOT))
-    if out.returncode:
-        raise RuntimeError(f"building {arch} failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return harness.run_child([sys.executable, __file__, "--build-model", arch, size, path],
+                             f"building {arch}").json()
 
 
 def write_config(folder, name, model_path, images):
-    """The default run's config: name, out, model, data.images and report.out only."""
+    """The default run's config: name, out, model, data.images and report.out only; ``(path, dict)``."""
     import yaml
 
-    cfg = {"name": name, "out": str(folder / "run"), "model": str(model_path),
-           "data": {"images": str(images)}, "report": {"out": str(folder / "report")}}
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path, cfg
+    path = zoo.write_config(folder, model_path, images, file="cfg.yaml", report_out="report", name=name)
+    return path, yaml.safe_load(path.read_text())
 
 
 # --------------------------------------------------------------------------- measuring a child
 
 
-def descendants(pid):
-    """``pid`` and every process below it, from ``/proc/<pid>/task/<tid>/children``."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                try:
-                    todo.extend(int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split())
-                except OSError:
-                    pass
-        except OSError:
-            pass
-    return found
-
-
-def rss_kb(pid):
-    """Current VmRSS of ``pid`` in KB (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class TreeSampler(threading.Thread):
-    """Samples the summed RSS of a process tree every ``interval`` seconds; ``peak_kb`` is the largest sum."""
-
-    def __init__(self, pid, interval=0.5):
-        super().__init__(daemon=True)
-        self.pid, self.interval, self.peak_kb, self.max_procs = pid, interval, 0, 1
-        self.stopped = threading.Event()
-
-    def run(self):
-        while not self.stopped.wait(self.interval):
-            pids = descendants(self.pid)
-            self.peak_kb = max(self.peak_kb, sum(rss_kb(p) for p in pids))
-            self.max_procs = max(self.max_procs, len(pids))
-
-
-@dataclass
-class ChildResult:
-    """What one ``python -m pipeline ...`` child did: exit code, wall/CPU seconds, peak RSS, its output."""
-
-    returncode: int
-    wall: float
-    cpu: float = 0.0
-    maxrss_kb: int = 0          # the child's own ru_maxrss (os.wait4)
-    tree_peak_kb: int = 0       # sampled sum over the child and its descendants
-    max_procs: int = 1
-    stdout: str = ""
-    stderr: list = field(default_factory=list)
-
-    @property
-    def peak_gb(self):
-        return max(self.maxrss_kb, self.tree_peak_kb) / 2**20
-
-
-def run_measured(argv, echo=True):
-    """Run ``argv`` as a child; stream its stderr (prefixed) while keeping it; measure time and memory."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env(), cwd=str(ROOT), bufsize=1)
-    sampler = TreeSampler(proc.pid)
-    sampler.start()
-    err_lines, out_chunks = [], []
-
-    def pump_err():
-        for line in proc.stderr:
-            err_lines.append(line.rstrip("\n"))
-            if echo:
-                log(f"    | {line.rstrip()}")
-
-    readers = [threading.Thread(target=pump_err, daemon=True),
-               threading.Thread(target=lambda: out_chunks.append(proc.stdout.read()), daemon=True)]
-    for r in readers:
-        r.start()
-    _, status, usage = os.wait4(proc.pid, 0)      # per-child rusage, unlike RUSAGE_CHILDREN
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    sampler.stopped.set()
-    for r in readers:
-        r.join(timeout=30)
-    sampler.join(timeout=5)
-    return ChildResult(proc.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss,
-                       sampler.peak_kb, sampler.max_procs, "".join(out_chunks), err_lines)
-
-
 def pipeline_status(run_dir):
     """Output of ``python -m pipeline status RUN_DIR`` (stdout, or the error on stderr)."""
-    out = subprocess.run([sys.executable, "-m", "pipeline", "status", str(run_dir)], capture_output=True,
-                         text=True, env=child_env(), cwd=str(ROOT))
-    text = out.stdout.strip() or out.stderr.strip()
+    out = run_measured([sys.executable, "-m", "pipeline", "status", run_dir])
+    text = out.stdout.strip() or "\n".join(out.stderr).strip()
     return text.splitlines() or [f"(no output, exit code {out.returncode})"]
 
 
