@@ -117,7 +117,7 @@ def test_row_blocks_merge_partial_statistics_into_the_sequential_result(tmp_path
     from pipeline.layerstats import cka_matrix
     from pipeline.neurons import (NeuronClusterer, bootstrap_stability, cluster_summary,
                                   correlation_streaming, unit_summary)
-    from pipeline.stages.activations import chunker
+    from pipeline.activations import chunker
 
     _, client = cluster
     rng = np.random.default_rng(0)
