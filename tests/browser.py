@@ -31,6 +31,8 @@ PROBLEM_TYPES = ("error", "warning", "assert")
 # Software WebGL for the explorer's maps (no GPU here), without SwiftShader's deprecation warning,
 # which would otherwise be a console problem on every page with a map.
 FLAGS = ["--disable-gpu", "--enable-unsafe-swiftshader"]
+# The tab's size in CSS pixels: the explorer tests' size (the report checks share the tab).
+VIEWPORT = {"width": 1300, "height": 1000}
 
 
 def find_chromium():
@@ -79,7 +81,11 @@ def launch():
 
 
 class Chromium:
-    """One headless chromium process; every page opened from it is checked through Playwright.
+    """One headless chromium process and one tab in it, through which every page is opened.
+
+    One tab for every page: a new tab per page doubled the time of the report's checks (a new
+    renderer each time, the explorer's scripts compiled afresh). :meth:`Page.restart` keeps what
+    one page reports apart from the next. So only one page is open at a time.
 
     Parameters
     ----------
@@ -92,38 +98,34 @@ class Chromium:
         try:
             self._browser = self._playwright.chromium.launch(executable_path=executable, headless=True,
                                                              args=FLAGS)
-            self._context = self._browser.new_context()
+            self._tab = Page(self._browser.new_page(viewport=VIEWPORT))
         except BaseException:
             self._playwright.stop()
             raise
-        self._tab = None  # the tab check() reuses
 
-    def open(self, url, width=None, height=None, timeout=20):
-        """Open ``url`` (a path is made a ``file://`` URL) in a new tab and wait for its load event.
+    def open(self, url, timeout=20):
+        """Open ``url`` (a path is made a ``file://`` URL) and wait for its load event.
 
         Parameters
         ----------
         url : str or path-like
-        width, height : int, optional
-            Viewport in CSS pixels (Playwright's 1280x720 if not given).
         timeout : float, default=20
             Seconds to wait for the load event.
 
         Returns
         -------
         Page
-            Recording console messages, page errors and requests from before navigation on.
+            The browser's tab, recording console messages, page errors and requests of this page
+            only; valid until the next ``open`` or ``check``.
         """
         if not str(url).startswith(("file:", "http:", "https:", "about:", "data:")):
             url = Path(url).resolve().as_uri()
-        page = Page(self._context.new_page())
-        if width and height:
-            page.raw.set_viewport_size({"width": width, "height": height})
-        page.goto(url, timeout)
-        return page
+        self._tab.restart()
+        self._tab.goto(url, timeout)
+        return self._tab
 
     def check(self, url, inside):
-        """Open ``url`` in the checking tab and list its problems.
+        """Open ``url`` and list its problems.
 
         Parameters
         ----------
@@ -140,13 +142,7 @@ class Chromium:
             many the document has; ``outside``: requested URLs outside ``inside``; ``requests``:
             how many requests the page made.
         """
-        # One tab for every check: a new tab per page doubled the time of a report's checks (a new
-        # renderer each time, the explorer's scripts compiled afresh). Page.restart keeps pages apart.
-        if self._tab is None:
-            self._tab = Page(self._context.new_page())
-        page = self._tab
-        page.restart()
-        page.goto(url)
+        page = self.open(url)
         found = page.eval(
             "({broken: Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))"
             ".map(i => i.getAttribute('src')), count: document.images.length, css: document.styleSheets.length})")
@@ -166,7 +162,7 @@ class Chromium:
 
 
 class Page:
-    """One tab, kept open to evaluate, move the mouse and click, with what the browser reported.
+    """The tab of a :class:`Chromium`: evaluate, move the mouse and click, and what the browser reported.
 
     ``messages`` (problems as text) and ``requests`` (URLs) grow as Playwright delivers events,
     which it does during calls into it: :meth:`problems` makes one first, so nothing the page
@@ -197,6 +193,7 @@ class Page:
         Leaving first, then forgetting: requests of the old document that navigating away cancels
         are reported before ``about:blank`` has loaded, so none is counted against the next page.
         """
+        self.raw.mouse.move(0, 0)  # no hover left over where the next page draws (a fresh tab has none)
         self.raw.goto("about:blank")
         self.raw.evaluate("0")  # a round trip: the events sent before it are delivered
         self.messages.clear()
@@ -280,5 +277,4 @@ class Page:
                 [u for u in self.requests if not (u.startswith(inside) or u.startswith("data:"))])
 
     def close(self):
-        """Close the tab."""
-        self.raw.close()
+        """Done with this page. The tab stays open for the browser's next page, which restarts it."""

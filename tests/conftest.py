@@ -11,8 +11,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def browser():
     """Headless chromium (``tests/browser.py``), one per test module, closed after its last test.
 
-    Per module, not per session: chromium and Playwright's driver process then live only while a
-    module with browser tests runs, not through the rest of the suite. Skips (with what to
+    Per module, not per session: while Playwright runs, its event loop counts as running in this
+    thread between its calls (``asyncio.run`` refuses to start), and chromium and its driver
+    process hold memory; neither should reach the other modules' tests. Skips (with what to
     install) when chromium or playwright is missing.
     """
     import browser as chromium  # here, not at the top: only modules with browser tests load Playwright

@@ -99,12 +99,12 @@ def explorer_specs(report, layer):
 
 
 def open_explorer(chromium, path, timeout=120):
-    """Open a layer page at 1300x1000 and wait until every explorer on it has drawn (``data-ready``).
+    """Open a layer page and wait until every explorer on it has drawn (``data-ready``).
 
     Returns the :class:`browser.Page`, with ``load_seconds`` (to the load event) and
     ``ready_seconds`` (to the explorers drawn) since the navigation started.
     """
-    page = chromium.open(path, width=1300, height=1000, timeout=timeout)
+    page = chromium.open(path, timeout=timeout)
     page.ready_seconds = page.wait_for(
         "Array.from(document.querySelectorAll('.explorer')).every(e => e.dataset.ready)", timeout,
         "the explorer did not finish drawing")
