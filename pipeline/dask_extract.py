@@ -46,6 +46,7 @@ def run(ctx):
     from distributed import as_completed
 
     from pipeline import distributed
+    from pipeline.extraction import ensure_array
     from pipeline.progress import progress as progress_bar
     from pipeline.stages import extract as X
 
@@ -79,7 +80,7 @@ def run(ctx):
     root = X._open_arrays(ctx, model, names, kinds, n, size, channels, fresh=fresh)
     rows = X.chunk_rows(ex)
     for key, (row_shape, dtype) in info["extra_arrays"].items():  # created up front: workers never create arrays
-        X._ensure_array(root, key, n, tuple(row_shape), rows, dtype)
+        ensure_array(root, key, n, tuple(row_shape), rows, dtype)
 
     groups = X.chunk_groups(n, ex)
     done = set(progress["done"])
@@ -255,6 +256,7 @@ def extract_shard(job, model_key, groups, stamp):
     """
     import zarr
 
+    from pipeline.extraction import ChunkWriter, stream_groups
     from pipeline.stages import extract as X
     from pipeline.store import RunStore
 
@@ -276,10 +278,10 @@ def extract_shard(job, model_key, groups, stamp):
             store.write_json(marker(g), {"stamp": stamp, "bad": bad})
             results[g] = bad
 
-        writer = X._ChunkWriter(store, root, None, record=record)
+        # The local engine's loop (pipeline.extraction), only the record of a finished group differs.
+        writer = ChunkWriter(root, record, data.n, X.chunk_rows(sess.cfg.extract))
         try:
-            X.stream_groups(sess.run_batch, data.load, data.groups, todo, root, data.n, sess.cfg.extract,
-                            sess.size, sess.channels, writer)
+            stream_groups(sess.run_batch, data.load, data.groups, todo, data.n, sess.cfg.extract.batch_size, writer)
         finally:
             writer.close()
     return [(g, results[g]) for g in groups]

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline.config import hash_json, parse_scale
 from pipeline.dataset import build_dataset, pixel_loader
 from pipeline.errors import UserError
+from pipeline.extraction import BatchRunner, ChunkWriter, create_array, stream_groups
 from pipeline.forward import layer_path, make_forward, output_keys, spatial_positions, thumbnail_shape
 from pipeline.models import load_model, model_kind
 from pipeline.runner import Stage, file_hash, listing_hash
@@ -149,7 +150,7 @@ def _open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
                 shape, dtype = (n, ex.spatial_samples, 2), "int32"
             else:
                 shape, dtype = (n, c), ex.dtype
-            root.create_array(key, shape=shape, chunks=(rows, *shape[1:]), dtype=dtype, fill_value=0)
+            create_array(root, key, shape, rows, dtype)
     root.attrs.update({
         "layers": {l: {"kind": kinds[l], "shape": list(shapes[l]), "path": layer_path(l),
                        "type": next(i.type for i in model.layers if i.name == l)} for l in names},
@@ -158,56 +159,6 @@ def _open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
         "model": model.name, "spatial_samples": ex.spatial_samples,
     })
     return root
-
-
-def _ensure_array(root, key, n, row_shape, rows, dtype):
-    if key not in root:
-        root.create_array(key, shape=(n, *row_shape), chunks=(rows, *row_shape), dtype=dtype, fill_value=0)
-
-
-class _ChunkWriter:
-    """Writes finished chunks in a background thread, then records them in the progress file.
-
-    One write is in flight at a time, so the device computes the next chunk while the previous
-    one is compressed and stored; progress is recorded only after a chunk's arrays are all on disk.
-    ``record(group, bad)`` does the recording (default: the progress file, ``progress`` dict);
-    the Dask engine passes one that writes a per-shard done marker instead.
-    """
-
-    def __init__(self, store, root, progress, record=None):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.store, self.root, self.progress = store, root, progress
-        self.record = record or self._record_progress
-        self.handles = {}
-        self.pool = ThreadPoolExecutor(1)
-        self.pending = None
-
-    def submit(self, group, start, arrays, bad):
-        self.wait()
-        self.pending = self.pool.submit(self._write, group, start, arrays, bad)
-
-    def _write(self, group, start, arrays, bad):
-        for key, value in arrays.items():
-            if key not in self.handles:
-                self.handles[key] = self.root[key]
-            self.handles[key][start:start + len(value)] = value
-        self.record(group, bad)
-
-    def _record_progress(self, group, bad):
-        self.progress["done"].append(group)
-        for k, v in bad.items():
-            self.progress["nonfinite"][k] = self.progress["nonfinite"].get(k, 0) + v
-        self.store.write_json(PROGRESS, self.progress)
-
-    def wait(self):
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def close(self):
-        self.wait()
-        self.pool.shutdown()
 
 
 def chunk_groups(n, ex) -> list[tuple[int, int]]:
@@ -219,35 +170,24 @@ def chunk_groups(n, ex) -> list[tuple[int, int]]:
 def _batch_runner(cfg, model, names, kinds, size):
     """``run_batch(pixels, start, n) -> (arrays, bad)``: the compiled forward pass of one batch.
 
-    The last batch is padded to the batch size so the compiled graph is reused, not retraced;
-    never beyond ``n``, the number of images (6 images with ``batch_size: 8192`` are one batch of 6).
+    A :class:`pipeline.extraction.BatchRunner`. The last batch is padded to the batch size so
+    the compiled graph is reused, not retraced; never beyond ``n``, the number of images (6
+    images with ``batch_size: 8192`` are one batch of 6).
     """
     ex = cfg.extract
-    bs = ex.batch_size
     thumb = thumbnail_shape(size, ex.thumbnail_size) if ex.thumbnail_size else None
+    as_is = thumb == tuple(size)  # inputs no larger than thumbnail_size are their own thumbnails
     forward = make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
-                           ex.dtype, ex.spatial_samples, thumb)
+                           ex.dtype, ex.spatial_samples, None if as_is else thumb)
     maps = [(li, l) for li, l in enumerate(names) if kinds[l] == "map"]
     shapes = {i.name: i.output_shape for i in model.layers}
 
-    def positions_for(start):
-        if not ex.spatial_samples:
-            return []
-        return [spatial_positions(cfg.seed, li, range(start, start + bs), shapes[l][0], shapes[l][1],
+    def positions(start, rows):  # of the padded batch: every row gets positions, as the graph needs
+        return [spatial_positions(cfg.seed, li, range(start, start + rows), shapes[l][0], shapes[l][1],
                                   ex.spatial_samples) for li, l in maps]
 
-    def run_batch(pixels, start, n):
-        valid, target = len(pixels), min(bs, n)
-        if valid < target:  # pad the last batch so the compiled graph is reused, not retraced
-            pad = np.zeros((target - valid, *pixels.shape[1:]), pixels.dtype)
-            pixels = np.concatenate([pixels, pad])
-        positions = positions_for(start)
-        arrays, bad = forward(pixels, positions, valid)
-        for (li, l), pos in zip(maps, positions):
-            arrays[f"{layer_path(l)}/spatial_pos"] = pos[:valid]
-        return arrays, bad
-
-    return run_batch
+    return BatchRunner(forward, ex.batch_size, positions if ex.spatial_samples else None,
+                       [f"{layer_path(l)}/spatial_pos" for _, l in maps], thumbnails_as_is=as_is)
 
 
 def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
@@ -260,50 +200,29 @@ def _stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     todo = [g for g in range(len(groups)) if g not in done]
     run_batch = _batch_runner(cfg, model, names, kinds, size)
     load = pixel_loader(cfg.data, dataset, size, channels)
-    writer = _ChunkWriter(ctx.store, root, progress)
+    writer = ChunkWriter(root, progress_recorder(ctx.store, progress), n, chunk_rows(ex))
     bar = progress_bar(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
                        desc="extract")
     try:
-        stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, writer, bar.update)
+        stream_groups(run_batch, load, groups, todo, n, ex.batch_size, writer, bar.update)
     finally:
         writer.close()
         bar.close()
 
 
-def stream_groups(run_batch, load, groups, todo, root, n, ex, size, channels, writer, advance=None):
-    """Run the batches of the chunk groups ``todo`` through the device and hand each finished
-    group to ``writer`` (batches are loaded one prefetched step ahead by a ``tf.data`` pipeline).
+def progress_recorder(store, progress):
+    """``record(group, bad)`` for :class:`ChunkWriter`: add the group to ``extract.progress.json``.
+
+    Called in the writer thread once the group's chunks are on disk, so the file never lists a
+    group a killed run did not finish.
     """
-    import tensorflow as tf
-
-    bs, rows = ex.batch_size, chunk_rows(ex)
-
-    def gen():
-        for g in todo:
-            g_start, g_stop = groups[g]
-            for start in range(g_start, g_stop, bs):
-                yield g, start, load(np.arange(start, min(start + bs, g_stop)))
-
-    data = tf.data.Dataset.from_generator(gen, output_signature=(
-        tf.TensorSpec((), tf.int64), tf.TensorSpec((), tf.int64),
-        tf.TensorSpec((None, size[0], size[1], channels), tf.uint8))).prefetch(2)
-    parts, bad_total = {}, {}
-    for g, start, pixels in data:
-        g, start, pixels = int(g), int(start), pixels.numpy()
-        arrays, bad = run_batch(pixels, start, n)
-        for key, value in arrays.items():
-            parts.setdefault(key, []).append(value)
+    def record(group, bad):
+        progress["done"].append(group)
         for k, v in bad.items():
-            bad_total[k] = bad_total.get(k, 0) + v
-        if advance is not None:
-            advance(len(pixels))
-        if start + len(pixels) >= groups[g][1]:
-            merged = {k: np.concatenate(v) for k, v in parts.items()}
-            _ensure_array(root, "logits", n, merged["logits"].shape[1:], rows, "float32")
-            if "thumbnails" in merged:
-                _ensure_array(root, "thumbnails", n, merged["thumbnails"].shape[1:], rows, "uint8")
-            writer.submit(g, groups[g][0], merged, bad_total)
-            parts, bad_total = {}, {}
+            progress["nonfinite"][k] = progress["nonfinite"].get(k, 0) + v
+        store.write_json(PROGRESS, progress)
+
+    return record
 
 
 STAGE = Stage(name="extract", deps=(), params=_params, inputs=_inputs,

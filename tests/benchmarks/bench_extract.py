@@ -1,34 +1,37 @@
 """Benchmark the extract stage against a bare compiled forward pass, and its memory against N.
 
-Run from the repository root::
+Run from the repository root, on an otherwise idle machine::
 
     python tests/benchmarks/bench_extract.py            # N = 4000, RSS at 2000 / 8000 (~4 min on 2 cores)
     python tests/benchmarks/bench_extract.py --quick    # smoke run, about a minute
 
-What is measured, all in the same run on the same machine:
+What is measured, all in one run on the same machine, on a mini-ResNet (64x64x3, seven conv
+layers of 64-128 channels + a dense head; ``layers: auto`` taps all eight, mean + max per channel):
 
-1. Throughput. The real code path (``Runner(cfg, all_stages()).run(only="extract")``) on a
-   mini-ResNet (64x64x3, seven conv layers of 64-128 channels + a dense head; ``layers: auto``
-   taps all eight) against ``tf.function`` of the same model over the same uint8 batches already
-   in memory (cast and scaled inside the function, only the logits' ``.numpy()`` taken). The
-   stage is instrumented, not changed: ``make_forward`` and ``pixel_loader`` (as the stage module
-   imports them), zarr writes and the progress-file writes are wrapped with timers, and the batch
-   loop is timed by the stage's own progress bar (``harness.watch_progress``). The headline ratio uses the
-   *streaming* time: from the end of the first forward call (model load, dataset check and
-   the first trace are excluded) to the end of the batch loop, over the images after the first
-   batch; anything that happens per batch after that (a retrace for the last, smaller batch,
-   chunk writes, progress file) is inside. The whole-stage time is reported too. Every timing
-   is repeated and the best is kept; runs of both sides are interleaved. Because other work on
-   a shared machine moves wall-clock rates a lot, the ratio of process CPU time per image (all
-   threads; includes thread-pool spin-waits) is printed beside it. The stage's own compiled
-   forward function, run alone on the same in-memory tensors, separates compute overhead from
-   I/O overhead.
-   Two data sources: an ``.npz`` (arrays in memory) and a folder of PNGs (decoded by Pillow in
-   the loader's thread pool, on the same two cores as the model: that row shows decoding cost).
-2. Peak RSS at N and 4N. A fresh interpreter runs the stage on an image FOLDER (the streaming
-   path; an ``.npz`` is loaded whole by design, so its memory grows with N) and reports its own
-   ``ru_maxrss`` at exit. That peak is set by importing TensorFlow, so the peak during the batch
-   loop alone (VmHWM reset through ``/proc/self/clear_refs`` when the loop starts) is printed too.
+1. Throughput. The baseline is ``tf.function`` of the same model over the same uint8 batches,
+   already tensors in memory (cast and scaled inside the function, only the logits' ``.numpy()``
+   taken). Our side is the real code path, ``Runner(cfg, all_stages()).run(only="extract")``,
+   from an ``.npz`` and from a folder of PNGs holding the same pixels. The stage is instrumented,
+   not changed: the forward function it builds (``make_forward`` as the stage module imports it),
+   ``pixel_loader``, zarr chunk writes and progress-file writes are wrapped with timers, and the
+   batch loop is timed by the stage's own progress bar. The headline rate is the *loop* rate:
+   from the end of the first forward call (model load, dataset check and the first trace are
+   excluded) to the end of the loop (the last chunk on disk), over the images after the first
+   batch. The whole-stage time is reported too.
+   Every measurement is repeated (``--repeats``, at least 3), both sides interleaved within each
+   repeat; the table gives medians, and ratios are the median of the per-repeat ratios (each
+   against the baseline measured next to it). Wall time is the target; process CPU time (all
+   threads) is printed beside it, with the load average and the CPU time other processes took
+   during the repeats (from ``/proc/stat``): a busy machine moves wall-clock rates a lot.
+2. Where the time goes. Probes on the same in-memory batches split the gap between the bare
+   forward and the extraction loop: the uint8 -> float conversion, tapping every layer, the
+   mean/max reductions alone (on feature maps computed beforehand), the copies back, the stage's
+   compiled forward alone, the loader alone (``.npz`` read, PNG decode) and the zarr write of
+   one chunk group alone.
+3. Peak RSS at N and 4N. A fresh interpreter runs the stage on an image FOLDER (the streaming
+   path) and reports its own ``ru_maxrss`` at exit. That peak is set by importing TensorFlow,
+   so the peak during the batch loop alone (VmHWM reset through ``/proc/self/clear_refs`` when
+   the loop starts) is printed too.
 
 Data are generated with ``numpy.random.default_rng(0)`` under a ``tempfile.mkdtemp()`` that is
 removed at the end.
@@ -121,118 +124,100 @@ class Probe:
     """Timers wrapped around the extract stage's own functions (its code is not changed)."""
 
     def __init__(self):
-        self.calls = []          # (t0, t1, batch size, cpu at t1) of each forward call
-        self.stream = None       # (t0, t1, cpu at t1) of the batch loop (the stage's progress bar)
-        self.zarr = []           # (t0, t1) of each zarr chunk write
-        self.lookups = []        # (t0, t1) of each zarr group lookup (root[key], key in root)
-        self.progress = []       # (t0, t1) of each extract.progress.json write
-        self.load = []           # seconds of each batch load (runs in the tf.data thread)
-        self.rss_before_stream_kb = None
-        self.stream_hwm_kb = None  # peak RSS during the batch loop only (VmHWM reset at its start)
+        self.calls = []          # (t0, t1, rows, process CPU at t1) of each forward call (main thread)
+        self.loop = None         # (t0, t1, process CPU at t1) of the batch loop (the stage's progress bar)
+        self.zarr = []           # (t0, t1) of each zarr chunk write (writer thread)
+        self.progress = []       # (t0, t1) of each extract.progress.json write (writer thread)
+        self.load = []           # seconds of each batch load (loader thread)
+        self.rss_before_loop_kb = None
+        self.loop_hwm_kb = None  # peak RSS during the batch loop only (VmHWM reset at its start)
 
     def summary(self, n):
+        """Per-run figures over the loop after the first forward call (which includes the trace)."""
         first_end, first_cpu = self.calls[0][1], self.calls[0][3]
-        s0, s1, s1_cpu = self.stream
-        steady_imgs = n - self.calls[0][2]
-        steady_s = s1 - first_end
+        l0, l1, l1_cpu = self.loop
+        images, seconds = n - self.calls[0][2], l1 - first_end
         fwd = [c[1] - c[0] for c in self.calls[1:]]
-        zarr_s = sum(t1 - t0 for t0, t1 in self.zarr if t0 >= first_end)
-        prog_s = sum(t1 - t0 for t0, t1 in self.progress if t0 >= first_end)
-        lookup_s = sum(t1 - t0 for t0, t1 in self.lookups if t0 >= first_end)
+        after = [t1 - t0 for t0, t1 in self.zarr if t0 >= first_end]
         return {
-            "steady_imgs": steady_imgs, "steady_s": steady_s, "rate": steady_imgs / steady_s,
-            "cpu_per_img": (s1_cpu - first_cpu) / steady_imgs,
-            "lookup_s": lookup_s, "n_lookups": sum(1 for t0, _ in self.lookups if t0 >= first_end),
-            "first_call_s": first_end - s0, "stream_s": s1 - s0,
-            "fwd_s": sum(fwd), "fwd_median_ms": 1e3 * statistics.median(fwd) if fwd else 0.0,
-            "fwd_max_ms": 1e3 * max(fwd) if fwd else 0.0,
-            "fwd_last_ms": 1e3 * fwd[-1] if fwd else 0.0,
-            "zarr_s": zarr_s, "n_zarr": len(self.zarr),
-            "progress_s": prog_s, "n_progress": sum(1 for t0, _ in self.progress if t0 >= first_end),
-            "load_s": sum(self.load), "n_batches": len(self.calls),
+            "rate": images / seconds, "seconds": seconds, "cpu_per_img": (l1_cpu - first_cpu) / images,
+            "batches": len(fwd), "first_call_s": first_end - l0, "loop_s": l1 - l0,
+            "fwd_s": sum(fwd), "fwd_median_s": statistics.median(fwd) if fwd else 0.0,
+            "zarr_s": sum(after), "n_zarr": len(after),
+            "progress_s": sum(t1 - t0 for t0, t1 in self.progress if t0 >= first_end),
+            "load_s": sum(self.load[1:]),
         }
+
+
+def _timed_forward(make_forward, probe):
+    def make(*a, **k):
+        run = make_forward(*a, **k)
+
+        def timed(pixels, positions=(), valid=None):
+            t0 = time.perf_counter()
+            out = run(pixels, positions, valid)
+            probe.calls.append((t0, time.perf_counter(), int(len(pixels) if valid is None else valid),
+                                time.process_time()))
+            return out
+
+        return timed
+
+    return make
+
+
+def _timed_loader(pixel_loader, probe):
+    def make(*a, **k):
+        load = pixel_loader(*a, **k)
+
+        def timed(rows):
+            t0 = time.perf_counter()
+            out = load(rows)
+            probe.load.append(time.perf_counter() - t0)
+            return out
+
+        return timed
+
+    return make
 
 
 @contextlib.contextmanager
 def instrumented(probe):
+    """Wrap the stage's forward, loader, zarr writes and progress writes with ``probe``'s timers."""
     import zarr
 
     from pipeline.stages import extract
     from pipeline.store import RunStore
 
-    orig = {"make_forward": extract.make_forward, "pixel_loader": extract.pixel_loader}
-    orig_setitem, orig_write_json = zarr.Array.__setitem__, RunStore.write_json
-    orig_getitem, orig_contains = zarr.Group.__getitem__, zarr.Group.__contains__
-    clock, cpu = time.perf_counter, time.process_time
-
-    def make_forward(*a, **k):
-        run = orig["make_forward"](*a, **k)
-
-        def timed(pixels, positions=(), valid=None):
-            t0 = clock()
-            out = run(pixels, positions, valid)
-            probe.calls.append((t0, clock(), int(pixels.shape[0] if valid is None else valid), cpu()))
-            return out
-
-        return timed
-
-    stream_start = []
-
-    def loop_opens():  # the bar opens just before the first batch is loaded
-        probe.rss_before_stream_kb = harness.peak_kb()
-        harness.reset_peak_rss()
-        stream_start.append(clock())
-
-    def loop_closed():  # ... and closes after the last chunk write finished
-        probe.stream = (stream_start[-1], clock(), cpu())
-        probe.stream_hwm_kb = harness.status_kb("VmHWM")
-
-    def pixel_loader(*a, **k):
-        load = orig["pixel_loader"](*a, **k)
-
-        def timed(rows):
-            t0 = clock()
-            out = load(rows)
-            probe.load.append(clock() - t0)
-            return out
-
-        return timed
+    orig = extract.make_forward, extract.pixel_loader, zarr.Array.__setitem__, RunStore.write_json
 
     def setitem(self, key, value):
-        t0 = clock()
-        orig_setitem(self, key, value)
-        probe.zarr.append((t0, clock()))
-
-    def getitem(self, key):
-        t0 = clock()
-        try:
-            return orig_getitem(self, key)
-        finally:
-            probe.lookups.append((t0, clock()))
-
-    def contains(self, key):
-        t0 = clock()
-        try:
-            return orig_contains(self, key)
-        finally:
-            probe.lookups.append((t0, clock()))
+        t0 = time.perf_counter()
+        orig[2](self, key, value)
+        probe.zarr.append((t0, time.perf_counter()))
 
     def write_json(self, name, obj):
-        t0 = clock()
-        orig_write_json(self, name, obj)
+        t0 = time.perf_counter()
+        orig[3](self, name, obj)
         if name == extract.PROGRESS:
-            probe.progress.append((t0, clock()))
+            probe.progress.append((t0, time.perf_counter()))
 
-    extract.make_forward, extract.pixel_loader = make_forward, pixel_loader
+    def loop_opens():  # the bar opens just before the first batch is loaded
+        probe.rss_before_loop_kb = harness.peak_kb()
+        harness.reset_peak_rss()
+        probe.loop = (time.perf_counter(), None, None)
+
+    def loop_closed():  # ... and closes after the last chunk write finished
+        probe.loop = (probe.loop[0], time.perf_counter(), time.process_time())
+        probe.loop_hwm_kb = harness.status_kb("VmHWM")
+
+    extract.make_forward = _timed_forward(orig[0], probe)
+    extract.pixel_loader = _timed_loader(orig[1], probe)
     zarr.Array.__setitem__, RunStore.write_json = setitem, write_json
-    zarr.Group.__getitem__, zarr.Group.__contains__ = getitem, contains
     try:
         with harness.watch_progress("extract", on_open=loop_opens, on_close=loop_closed):
             yield probe
     finally:
-        extract.make_forward, extract.pixel_loader = orig["make_forward"], orig["pixel_loader"]
-        zarr.Array.__setitem__, RunStore.write_json = orig_setitem, orig_write_json
-        zarr.Group.__getitem__, zarr.Group.__contains__ = orig_getitem, orig_contains
+        extract.make_forward, extract.pixel_loader, zarr.Array.__setitem__, RunStore.write_json = orig
 
 
 def run_extract(raw_cfg, quiet=True):
@@ -252,14 +237,60 @@ def run_extract(raw_cfg, quiet=True):
     return seconds, probe
 
 
-# --------------------------------------------------------------------------- bare baseline
+# --------------------------------------------------------------------------- the machine
 
 
-def make_bare(model_path):
+def busy_jiffies():
+    """``(busy, steal)`` CPU time of the whole machine so far, in seconds (``/proc/stat``)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def measure(fn):
+    """Run ``fn()``; return its wall and process CPU seconds, the machine's busy and steal seconds, load.
+
+    ``fn`` may return a dict of its own figures (a stage run times its batch loop), merged in.
+    """
+    b0, s0 = busy_jiffies()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    b1, s1 = busy_jiffies()
+    result = {"wall": wall, "cpu": cpu, "busy": b1 - b0, "steal": s1 - s0, "load": os.getloadavg()[0]}
+    if isinstance(out, dict):
+        result.update(out)
+    return result
+
+
+def others(results, r):
+    """CPU cores other processes used during repeat ``r`` (machine busy time minus ours, over its wall
+    time; whole repeats, as ``/proc/stat`` counts in 10 ms ticks)."""
+    passes = [v[r] for v in results.values()]
+    wall = sum(p["wall"] for p in passes)
+    return max(0.0, sum(p["busy"] - p["cpu"] for p in passes)) / wall, sum(p["steal"] for p in passes) / wall
+
+
+# --------------------------------------------------------------------------- the baseline and the probes
+
+
+def make_bare(model_path, float_input=False):
+    """The baseline: the model in a ``tf.function``, uint8 batches cast and scaled inside.
+
+    With ``float_input`` the batches arrive as float32 already scaled: the difference is the
+    cost of the uint8 -> float conversion.
+    """
     import keras
     import tensorflow as tf
 
     model = keras.models.load_model(model_path, compile=False)
+    if float_input:
+        return tf.function(lambda x: model(x, training=False),
+                           input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)])
 
     @tf.function(input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.uint8)])
     def bare(pixels):
@@ -268,33 +299,114 @@ def make_bare(model_path):
     return bare
 
 
-def time_bare(bare, batches):
-    """Wall and CPU seconds (all threads of this process) of one pass over ``batches``."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    for b in batches:
-        bare(b).numpy()
-    return time.perf_counter() - t0, time.process_time() - c0
+def over(batches, fn):
+    """A measurable pass: ``fn(batch)`` for every batch."""
+    def run():
+        for b in batches:
+            fn(b)
+
+    return run
 
 
-def make_ours_forward(model_path):
-    """The stage's own compiled forward (pipeline.forward.make_forward on the extractor), no I/O."""
-    from pipeline.config import parse_scale
-    from pipeline.forward import make_forward
-    from pipeline.autolayers import select_layers
-    from pipeline.models import load_model
-    from pipeline.stages.extract import layer_kinds
+class StageParts:
+    """The stage's own pieces, built as the stage builds them, each runnable alone on in-memory batches."""
 
-    model = load_model(model_path)
-    names = select_layers(model.layers, "auto")
-    kinds = layer_kinds(model, names)
-    return make_forward(model.build_extractor(names), kinds, ["mean", "max"], parse_scale("1/255"))
+    def __init__(self, model_path, cfg_raw, n):
+        import tensorflow as tf
+
+        from pipeline.autolayers import choose
+        from pipeline.config import make_config
+        from pipeline.models import load_model
+        from pipeline.stages import extract
+
+        self.cfg = make_config(cfg_raw)
+        self.model = load_model(model_path)
+        self.names = [name for name, _ in choose(self.model, "auto")]
+        self.kinds = extract.layer_kinds(self.model, self.names)
+        self.n = n
+        # Exactly what the stage runs per batch (thumbnails, padding, copies back included).
+        self.run_batch = extract._batch_runner(self.cfg, self.model, self.names, self.kinds, (SIZE, SIZE))
+        extractor = self.model.build_extractor(self.names)
+        maps = [i for i, name in enumerate(self.names) if self.kinds[name] == "map"]
+
+        def inputs(pixels):
+            return tf.cast(pixels, tf.float32) * (1.0 / 255.0)
+
+        # Every layer tapped, only the (pre-softmax) logits copied back: the cost of tapping.
+        self.taps = tf.function(lambda pixels: extractor(inputs(pixels))[1])
+        self.maps = tf.function(lambda pixels: [extractor(inputs(pixels))[0][i] for i in maps])
+        # The stage's reductions (pipeline.forward) on maps computed beforehand.
+        self.reduce = tf.function(lambda ys: [r(y, axis=[1, 2]) for y in ys for r in (tf.reduce_mean, tf.reduce_max)])
+
+    def forward_pass(self, batches):
+        def run():
+            for i, b in enumerate(batches):
+                self.run_batch(b, i * BATCH, self.n)
+
+        return run
+
+    def reductions_pass(self, batches, kept=4):
+        """Mean and max of every map (maps of ``kept`` batches, cycled: more than the caches hold),
+        and separately the copies of the results back to numpy; returns the seconds of each."""
+        maps = [self.maps(b) for b in batches[:kept]]
+
+        def run():
+            reduce_s = copy_s = 0.0
+            for i in range(len(batches)):
+                t0 = time.perf_counter()
+                out = self.reduce(maps[i % kept])
+                out[-1].numpy()  # wait for the graph, without copying the others yet
+                t1 = time.perf_counter()
+                [o.numpy() for o in out]
+                reduce_s, copy_s = reduce_s + t1 - t0, copy_s + time.perf_counter() - t1
+            return {"reduce_s": reduce_s, "copy_s": copy_s}
+
+        return run
 
 
-def time_forward_only(fwd, batches):
-    t0, c0 = time.perf_counter(), time.process_time()
-    for b in batches:
-        fwd(b, [])
-    return time.perf_counter() - t0, time.process_time() - c0
+def loader_pass(cfg_raw):
+    """The stage's pixel loader over every batch of the dataset (what the loader thread does)."""
+    from pipeline.config import make_config
+    from pipeline.dataset import build_dataset, pixel_loader
+
+    data = make_config(cfg_raw).data
+    dataset, _, _ = build_dataset(data, (SIZE, SIZE), 3, 0)
+    load = pixel_loader(data, dataset, (SIZE, SIZE), 3)
+
+    def run():
+        for i in range(0, len(dataset), BATCH):
+            load(np.arange(i, min(i + BATCH, len(dataset))))
+
+    return run
+
+
+def group_write_pass(run_dir, tmp):
+    """Write the first stored chunk group of ``run_dir`` again, alone, the way the stage's writer does."""
+    import zarr
+
+    from pipeline import extraction
+
+    source = zarr.open_group(str(Path(run_dir) / "activations.zarr"), mode="r")
+    keys = sorted(k for k, v in source.members(max_depth=None) if isinstance(v, zarr.Array))
+    rows = source[keys[0]].chunks[0]
+    parts = {k: [source[k][:rows]] for k in keys}
+    n = source[keys[0]].shape[0]
+    target = Path(tmp) / "group_write.zarr"
+
+    def run():
+        shutil.rmtree(target, ignore_errors=True)
+        root = zarr.open_group(str(target), mode="w")
+        for k, (v,) in parts.items():
+            extraction.create_array(root, k, (n, *v.shape[1:]), rows, v.dtype)
+        writer = extraction.ChunkWriter(root, lambda group, bad: None, n, rows)
+        writer.submit(0, 0, parts, {})  # the stage looks its arrays up once per run: not timed
+        writer.wait()
+        t0, c0 = time.perf_counter(), time.process_time()
+        writer.submit(0, 0, parts, {})
+        writer.close()
+        return {"write_wall": time.perf_counter() - t0, "write_cpu": time.process_time() - c0}
+
+    return run, rows, sum(v.nbytes for (v,) in parts.values()), parts["thumbnails"][0].nbytes
 
 
 # --------------------------------------------------------------------------- memory (child)
@@ -304,8 +416,8 @@ def child_main(cfg_json):
     """In a fresh interpreter: run the stage, print peak RSS (KB) as JSON on stdout."""
     raw = json.loads(Path(cfg_json).read_text())
     seconds, probe = run_extract(raw)
-    harness.emit({"peak_kb": harness.peak_kb(), "before_stream_kb": probe.rss_before_stream_kb,
-                  "stream_peak_kb": probe.stream_hwm_kb, "after_import_kb": AFTER_IMPORT_KB,
+    harness.emit({"peak_kb": harness.peak_kb(), "before_loop_kb": probe.rss_before_loop_kb,
+                  "loop_peak_kb": probe.loop_hwm_kb, "after_import_kb": AFTER_IMPORT_KB,
                   "seconds": seconds, "images": sum(c[2] for c in probe.calls)})
 
 
@@ -322,8 +434,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=None, help="images for the throughput test (default 4000)")
     ap.add_argument("--rss-n", type=int, default=None, help="N of the memory test, also run at 4N (default 2000)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement, best kept (default 3)")
-    ap.add_argument("--quick", action="store_true", help="small smoke run (N=512, RSS at 300/1200, 1 repeat)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats, medians reported (default 3)")
+    ap.add_argument("--quick", action="store_true", help="small smoke run (N=512, RSS at 300/1200, 3 repeats)")
     ap.add_argument("--keep", action="store_true", help="keep the temp directory")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -338,7 +450,7 @@ def main():
         return child_main(args.child)
     n = args.n or (512 if args.quick else 4000)
     rss_n = args.rss_n or (300 if args.quick else 2000)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = max(3, args.repeats or 3)
 
     from pipeline.tfsetup import tensorflow
 
@@ -346,190 +458,226 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     t_start, load_start = time.perf_counter(), os.getloadavg()
     try:
-        rows, notes = run_all(tf, tmp, n, rss_n, repeats)
+        rows, steps, notes = run_all(tf, tmp, n, rss_n, repeats)
     finally:
         if args.keep:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print()
-    harness.print_checks(rows, widths=(48, 28, 8))
+    harness.print_checks(rows, widths=(58, 30, 8))
+    print()
+    print_steps(steps)
     print()
     for line in notes:
         print("- " + line)
     print("\n".join(harness.machine_lines(load_start, t_start, busy_note=(
-        "the machine was shared with other work, so wall-clock rates are noisy: the CPU-time ratio is the "
-        "steadier figure."))))
+        "our own threads count too (TensorFlow's pools, loader, writer, decoders); the 'other processes' "
+        "figure above says whether anything else ran."))))
 
 
-def run_all(tf, tmp, n, rss_n, repeats):
+def make_data(tmp, n, rss_n):
+    """The model file, an .npz and a PNG folder of the same N images, and the two RSS folders."""
     rng = np.random.default_rng(0)
-    log(f"bench_extract: N={n}, batch {BATCH}, RSS at {rss_n} / {4 * rss_n}, best of {repeats}, "
-        f"{os.cpu_count()} CPUs, TensorFlow {tf.__version__}, temp dir {tmp}")
-
-    # ---- data and model
     t0 = time.perf_counter()
     model_path = tmp / "mini_resnet.keras"
     build_model().save(model_path)
     x = make_images(rng, n)
     y = rng.integers(0, CLASSES, n)
-    npz = tmp / "data.npz"
-    np.savez(npz, x=x, y=y)
-    folder = tmp / "images"
-    write_folder(folder, x, y)           # the same pixels as the npz (PNG is lossless)
+    np.savez(tmp / "data.npz", x=x, y=y)
+    write_folder(tmp / "images", x, y)           # the same pixels as the npz (PNG is lossless)
     for tag, m in (("rss_small", rss_n), ("rss_big", 4 * rss_n)):
         write_folder(tmp / tag, make_images(rng, m), rng.integers(0, CLASSES, m))
-    log(f"data written in {time.perf_counter() - t0:.1f} s ({folder_bytes(folder) / n / 1024:.1f} KB per PNG)")
+    log(f"data written in {time.perf_counter() - t0:.1f} s ({folder_bytes(tmp / 'images') / n / 1024:.1f} KB per PNG)")
+    return model_path, x
+
+
+def run_all(tf, tmp, n, rss_n, repeats):
+    log(f"bench_extract: N={n}, batch {BATCH}, RSS at {rss_n} / {4 * rss_n}, {repeats} interleaved repeats "
+        f"(medians), {os.cpu_count()} CPUs, TensorFlow {tf.__version__}, temp dir {tmp}")
+    model_path, x = make_data(tmp, n, rss_n)
 
     def cfg(name, data, limit=None):
         d = dict(data, **({"limit": limit} if limit else {}))
         return {"name": name, "out": str(tmp / "runs" / name), "model": str(model_path), "data": d,
                 "layers": "auto", "extract": {"batch_size": BATCH}}
 
-    cfg_npz, cfg_dir = cfg("npz", {"npz": str(npz)}), cfg("folder", {"images": str(folder)})
-
-    # ---- bare baseline (same model file, same uint8 batches, already tensors in memory) and
-    #      the stage's own compiled forward on the same tensors (no tf.data, no writes)
-    bare = make_bare(model_path)
-    batches = [tf.constant(x[i:i + BATCH]) for i in range(0, n, BATCH)]
-    fwd = make_ours_forward(model_path)
+    cfg_npz, cfg_dir = cfg("npz", {"npz": str(tmp / "data.npz")}), cfg("folder", {"images": str(tmp / "images")})
+    arrays = [x[i:i + BATCH] for i in range(0, n, BATCH)]
+    tensors = [tf.constant(b) for b in arrays]
+    floats = [tf.constant(b.astype("float32") / np.float32(255)) for b in arrays]
+    bare, bare_float = make_bare(model_path), make_bare(model_path, float_input=True)
+    parts = StageParts(model_path, cfg_npz, n)
+    passes = {
+        "bare": over(tensors, lambda b: bare(b).numpy()),
+        "bare_float": over(floats, lambda b: bare_float(b).numpy()),
+        "taps": over(tensors, lambda b: parts.taps(b).numpy()),
+        "reductions": parts.reductions_pass(tensors),
+        "stage_forward": parts.forward_pass(arrays),
+        "load_npz": loader_pass(cfg_npz),
+        "load_folder": loader_pass(cfg_dir),
+        "npz": lambda: stage_figures(cfg_npz, n),
+        "folder": lambda: stage_figures(cfg_dir, n),
+    }
+    warm = {"npz": cfg("warm_npz", {"npz": str(tmp / "data.npz")}, limit=3 * BATCH),
+            "folder": cfg("warm_folder", {"images": str(tmp / "images")}, limit=3 * BATCH)}
     t0 = time.perf_counter()
-    for b in (batches[0], batches[-1]):     # trace both (bare: None batch dim; ours: reduce_retracing)
-        bare(b).numpy()
-        fwd(b, [])
-    log(f"bare forward and stage forward traced in {time.perf_counter() - t0:.2f} s")
+    for name, fn in passes.items():  # traces, imports, file cache, thread pools
+        run_extract(warm[name]) if name in warm else fn()
+    log(f"warm-up in {time.perf_counter() - t0:.1f} s")
 
-    # ---- warm-up of our side (imports of zarr/pyarrow, file cache, thread pools)
-    t0 = time.perf_counter()
-    run_extract(cfg("warm", {"npz": str(npz)}, limit=3 * BATCH))
-    run_extract(cfg("warm_dir", {"images": str(folder)}, limit=3 * BATCH))
-    log(f"extract warm-up in {time.perf_counter() - t0:.1f} s")
-
-    # ---- interleaved timed repeats
-    bare_t, fwd_t, ours = [], [], {"npz": [], "folder": []}
+    results = {name: [] for name in passes}
     for r in range(repeats):
-        bare_t.append(time_bare(bare, batches))
-        fwd_t.append(time_forward_only(fwd, batches))
-        for kind, c in (("npz", cfg_npz), ("folder", cfg_dir)):
-            seconds, probe = run_extract(c)
-            ours[kind].append((seconds, probe.summary(n)))
-        log(f"repeat {r + 1}/{repeats}: bare {n / bare_t[-1][0]:.0f} img/s, stage forward alone "
-            f"{n / fwd_t[-1][0]:.0f} img/s, extract npz {ours['npz'][-1][1]['rate']:.0f} img/s "
-            f"(stage {ours['npz'][-1][0]:.1f} s), extract folder {ours['folder'][-1][1]['rate']:.0f} img/s "
-            f"(stage {ours['folder'][-1][0]:.1f} s); load {os.getloadavg()[0]:.1f}")
+        for name, fn in passes.items():
+            results[name].append(measure(fn))
+        write_fn, group_rows, group_bytes, thumb_bytes = group_write_pass(cfg_npz["out"], tmp)
+        results.setdefault("group_write", []).append(measure(write_fn))
+        log(f"repeat {r + 1}/{repeats}: bare {n / results['bare'][-1]['wall']:.0f} img/s, stage forward alone "
+            f"{n / results['stage_forward'][-1]['wall']:.0f} img/s, extract npz {results['npz'][-1]['rate']:.0f} "
+            f"img/s, folder {results['folder'][-1]['rate']:.0f} img/s; load {os.getloadavg()[0]:.1f}, other "
+            "processes {:.2f} cores, steal {:.2f}".format(*others(results, r)))
 
-    # Same computation? The stored logits are pre-softmax; the bare model ends in a softmax.
+    max_diff = logits_match(cfg_npz["out"], bare, tensors)
+    log(f"RSS: extract on {rss_n} and {4 * rss_n} PNGs, each in a fresh interpreter…")
+    rss = [measure_rss(cfg(tag, {"images": str(tmp / tag)}), tmp, tag) for tag in ("rss_small", "rss_big")]
+    group = {"rows": group_rows, "bytes": group_bytes, "thumbnails": thumb_bytes}
+    return (headline_rows(results, n, max_diff, rss, rss_n), time_steps(results, n, group),
+            notes_for(results, n, rss, parts, repeats, group))
+
+
+def stage_figures(raw_cfg, n):
+    """One instrumented stage run: its loop figures plus the whole stage's seconds."""
+    seconds, probe = run_extract(raw_cfg)
+    return {"stage_s": seconds, **probe.summary(n)}
+
+
+def logits_match(run_dir, bare, tensors):
+    """Same computation? The stored logits are pre-softmax; the bare model ends in a softmax."""
     from pipeline import load_run
 
-    run = load_run(cfg_npz["out"])
-    logits = run.logits()[:]
-    probs = np.concatenate([bare(b).numpy() for b in batches])
+    logits = load_run(run_dir).logits()[:]
+    probs = np.concatenate([bare(b).numpy() for b in tensors])
     soft = np.exp(logits - logits.max(1, keepdims=True))
     soft /= soft.sum(1, keepdims=True)
-    max_diff = float(np.abs(soft - probs).max())
-    n_layers = len(run.layer_names)
+    return float(np.abs(soft - probs).max())
 
-    # ---- the loader alone (what the tf.data generator thread does per batch), no model
-    from pipeline.config import make_config
-    from pipeline.dataset import build_dataset, pixel_loader
 
-    loader_rate = {}
-    for kind, c in (("npz", cfg_npz), ("folder", cfg_dir)):
-        dc = make_config(c).data
-        ds, _, _ = build_dataset(dc, (SIZE, SIZE), 3, 0)
-        load = pixel_loader(dc, ds, (SIZE, SIZE), 3)
-        best = float("inf")
-        for _ in range(max(1, repeats - 1)):
-            t0 = time.perf_counter()
-            for i in range(0, len(ds), BATCH):
-                load(np.arange(i, min(i + BATCH, len(ds))))
-            best = min(best, time.perf_counter() - t0)
-        loader_rate[kind] = len(ds) / best
-    t0 = time.perf_counter()
-    build_dataset(make_config(cfg_dir).data, (SIZE, SIZE), 3, 0)
-    scan_s = time.perf_counter() - t0
+# --------------------------------------------------------------------------- tables
 
-    # ---- memory: fresh interpreters, image folders (the streaming path)
-    log(f"RSS: extract on {rss_n} and {4 * rss_n} PNGs, each in a fresh interpreter…")
-    rss_small = measure_rss(cfg("rss_small", {"images": str(tmp / "rss_small")}), tmp, "small")
-    rss_big = measure_rss(cfg("rss_big", {"images": str(tmp / "rss_big")}), tmp, "big")
 
-    # ---- table
-    bare_rate = n / min(w for w, _ in bare_t)
-    bare_cpu = min(c for _, c in bare_t) / n
-    fwd_rate = n / min(w for w, _ in fwd_t)
-    fwd_cpu = min(c for _, c in fwd_t) / n
-    best = {k: max(v, key=lambda sv: sv[1]["rate"]) for k, v in ours.items()}
-    cpu_best = {k: min(sv[1]["cpu_per_img"] for sv in v) for k, v in ours.items()}
-    rows, notes = [], []
+def med(results, name, key):
+    return statistics.median(r[key] for r in results[name])
 
-    ratio = {k: best[k][1]["rate"] / bare_rate for k in best}
-    rows.append(("bare tf.function forward (img/s)", f"{bare_rate:.0f}", "", ""))
-    rows.append(("extract, npz (img/s)", f"{best['npz'][1]['rate']:.0f}", "", ""))
-    rows.append(("extract, PNG folder (img/s)", f"{best['folder'][1]['rate']:.0f}", "", ""))
-    rows.append(("extract vs bare forward (npz)", f"{ratio['npz']:.2f}x", ">=0.9", ok(ratio["npz"] >= 0.9)))
-    rows.append(("extract vs bare forward (PNG folder, decoding)*", f"{ratio['folder']:.2f}x", "(info)", ""))
-    rows.append(("  same, CPU time per image (npz / folder)",
-                 f"{bare_cpu / cpu_best['npz']:.2f}x / {bare_cpu / cpu_best['folder']:.2f}x", ">=0.9",
-                 ok(bare_cpu / cpu_best["npz"] >= 0.9)))
-    rows.append(("stage forward alone vs bare (no I/O), wall / CPU",
-                 f"{fwd_rate / bare_rate:.2f}x / {bare_cpu / fwd_cpu:.2f}x", "(info)", ""))
-    for kind in ("npz", "folder"):
-        seconds = min(sv[0] for sv in ours[kind])
-        rows.append((f"whole stage vs bare ({kind}, incl. load/trace)",
-                     f"{n / seconds / bare_rate:.2f}x ({seconds:.1f} s)", "(info)", ""))
-    rows.append(("loader alone, npz / PNG folder (img/s)",
-                 f"{loader_rate['npz']:.0f} / {loader_rate['folder']:.0f}", "(info)", ""))
-    rows.append(("softmax(stored logits) vs bare, max |diff|", f"{max_diff:.1e}", "<1e-4", ok(max_diff < 1e-4)))
-    a, b = rss_small["peak_kb"] / 1024, rss_big["peak_kb"] / 1024
-    growth = (b - a) / a
-    rows.append((f"peak RSS N={rss_n} / 4N={4 * rss_n} (PNG folder)",
-                 f"{a:.0f} / {b:.0f} MB ({growth:+.1%})", "<15%", ok(growth < 0.15)))
-    if rss_small["stream_peak_kb"] and rss_big["stream_peak_kb"]:
-        a2, b2 = rss_small["stream_peak_kb"] / 1024, rss_big["stream_peak_kb"] / 1024
-        g2 = (b2 - a2) / a2
-        rows.append(("  peak RSS during the batch loop only",
-                     f"{a2:.0f} / {b2:.0f} MB ({g2:+.1%})", "<15%", ok(g2 < 0.15)))
 
-    notes.append(f"Model: mini-ResNet {SIZE}x{SIZE}x3 (stem conv + pool, 2 residual blocks, separable conv, "
-                 f"dense softmax; 64-128 channels), {n_layers} layers extracted (layers: auto), mean+max per "
-                 f"channel, batch {BATCH}, N={n} ({len(batches)} batches).")
-    notes.append(f"Timings: best of {repeats} interleaved repeats (bare, stage forward alone, extract npz, "
-                 "extract folder). 'extract' rates = images after the first batch / time from the end of the "
-                 "first forward call to the end of the batch loop (model load, dataset check and first trace "
-                 "excluded; per-batch work, writes and any retrace included), measured inside "
-                 "Runner(cfg, all_stages()).run(only='extract') with timers wrapped around "
-                 "make_forward/pixel_loader/zarr calls/progress writes and the batch loop timed by the "
-                 "stage's progress bar (stage code unchanged). "
-                 "CPU time = time.process_time() of the whole process (all threads) over the same interval.")
-    notes.append("* The PNG-folder row decodes every PNG with Pillow in the loader's thread pool, on the same "
-                 "2 cores as the model: it shows the decoding cost; the 0.9 target applies to the npz row. The "
-                 f"folder stage also decodes every image once up front to validate it (build_dataset: "
-                 f"{scan_s:.1f} s for {n} PNGs; in the whole-stage time only).")
-    for kind in ("npz", "folder"):
-        seconds, s = best[kind]
-        other = s["steady_s"] - s["fwd_s"] - s["zarr_s"] - s["lookup_s"] - s["progress_s"]
-        nb = max(1, s["n_batches"] - 1)
-        notes.append(
-            f"Where the time went, best {kind} run: stage {seconds:.2f} s = outside the batch loop (model "
-            f"load, dataset check, publish) {seconds - s['stream_s']:.2f} s + first batch incl. trace "
-            f"{s['first_call_s']:.2f} s + steady {s['steady_s']:.2f} s. Steady, per batch: forward call "
-            f"{1e3 * s['fwd_s'] / nb:.1f} ms (median {s['fwd_median_ms']:.1f}, last {s['fwd_last_ms']:.0f}, "
-            f"max {s['fwd_max_ms']:.0f}), zarr chunk writes {1e3 * s['zarr_s'] / nb:.1f} ms "
-            f"({s['n_zarr'] // s['n_batches']} arrays), zarr group lookups {1e3 * s['lookup_s'] / nb:.1f} ms "
-            f"({s['n_lookups'] // nb} per batch), progress json {1e3 * s['progress_s'] / nb:.1f} ms, "
-            f"other (waiting on tf.data, tqdm) {1e3 * other / nb:.1f} ms; loader busy "
-            f"{1e3 * s['load_s'] / s['n_batches']:.1f} ms per batch in the tf.data thread.")
-    notes.append(f"Bare forward: {1e3 * min(w for w, _ in bare_t) / len(batches):.1f} ms per batch wall, "
-                 f"{1e3 * bare_cpu * BATCH:.1f} ms CPU; stage forward alone: "
-                 f"{1e3 * min(w for w, _ in fwd_t) / len(batches):.1f} ms wall, {1e3 * fwd_cpu * BATCH:.1f} ms CPU.")
-    notes.append("RSS: one fresh interpreter per size runs the stage on an image folder (the streaming path; an "
-                 ".npz is loaded whole by design, so it grows with N) and reports its own ru_maxrss at exit; the "
-                 "batch-loop row resets VmHWM (/proc/self/clear_refs) when the loop starts. After importing "
-                 f"TensorFlow: {rss_small['after_import_kb'] / 1024:.0f} MB; peak before the loop: "
-                 f"{rss_small['before_stream_kb'] / 1024:.0f} / {rss_big['before_stream_kb'] / 1024:.0f} MB; "
-                 f"stage {rss_small['seconds']:.1f} / {rss_big['seconds']:.1f} s.")
-    return rows, notes
+def paired(results, name, key, base="bare", base_key="wall"):
+    """Median over repeats of ``base``'s time per image / ``name``'s, each repeat against its own baseline."""
+    return statistics.median(b[base_key] / r[key] for r, b in zip(results[name], results[base]))
+
+
+def headline_rows(results, n, max_diff, rss, rss_n):
+    def rate(name):
+        values = sorted(n / r["wall"] if "rate" not in r else r["rate"] for r in results[name])
+        return f"{statistics.median(values):.0f} [{values[0]:.0f}-{values[-1]:.0f}]"
+
+    per_img = {k: [dict(r, t=r["seconds"] / (n - BATCH)) for r in results[k]] for k in ("npz", "folder")}
+    bare = [dict(r, t=r["wall"] / n, c=r["cpu"] / n) for r in results["bare"]]
+    res = {**per_img, "bare": bare}
+    wall = {k: paired(res, k, "t", base_key="t") for k in per_img}
+    cpu = {k: paired(res, k, "cpu_per_img", base_key="c") for k in per_img}
+    whole = {k: statistics.median(b["wall"] / r["stage_s"] for r, b in zip(results[k], results["bare"]))
+             for k in per_img}
+    a, b = (r["peak_kb"] / 1024 for r in rss)
+    a2, b2 = (r["loop_peak_kb"] / 1024 if r["loop_peak_kb"] else float("nan") for r in rss)
+    return [
+        ("bare compiled forward, pixels in memory (img/s) [range]", rate("bare"), "", ""),
+        ("extract, .npz, the stage's loop (img/s)", rate("npz"), "", ""),
+        ("extract, PNG folder, the stage's loop (img/s)", rate("folder"), "", ""),
+        ("extract vs bare, .npz: wall", f"{wall['npz']:.2f}x", ">=0.9", ok(wall["npz"] >= 0.9)),
+        ("  same, process CPU time per image", f"{cpu['npz']:.2f}x", "(info)", ""),
+        ("extract vs bare, PNG folder (decoding): wall / CPU", f"{wall['folder']:.2f}x / {cpu['folder']:.2f}x",
+         "(info)", ""),
+        ("whole stage vs bare, npz / folder (load, scan, trace)", f"{whole['npz']:.2f}x / {whole['folder']:.2f}x",
+         "(info)", ""),
+        ("softmax(stored logits) vs bare, max |diff|", f"{max_diff:.1e}", "<1e-4", ok(max_diff < 1e-4)),
+        (f"peak RSS N={rss_n} / 4N={4 * rss_n} (PNG folder)", f"{a:.0f} / {b:.0f} MB ({(b - a) / a:+.1%})",
+         "<15%", ok((b - a) / a < 0.15)),
+        ("  peak RSS during the batch loop only", f"{a2:.0f} / {b2:.0f} MB ({(b2 - a2) / a2:+.1%})", "<15%",
+         ok((b2 - a2) / a2 < 0.15)),
+        ("load average (1 min) during the repeats [range]",
+         f"{med(results, 'npz', 'load'):.1f} [{min(r['load'] for v in results.values() for r in v):.1f}-"
+         f"{max(r['load'] for v in results.values() for r in v):.1f}]", "(info)", ""),
+        ("CPU used by other processes / stolen by the host, worst repeat (cores)",
+         "{:.2f} / {:.2f}".format(*(max(others(results, r)[i] for r in range(len(results["bare"]))) for i in (0, 1))),
+         "(idle: ~0)", ""),
+    ]
+
+
+def time_steps(results, n, group):
+    """``(step, wall ms, CPU ms)`` per batch of BATCH images, medians over the repeats."""
+    nb = -(-n // BATCH)
+
+    def per_batch(name, key="wall", batches=nb):
+        return 1e3 * med(results, name, key) / batches
+
+    loop_b = med(results, "npz", "batches")
+    npz_wall = 1e3 * med(results, "npz", "seconds") / loop_b
+    npz_cpu = 1e3 * med(results, "npz", "cpu_per_img") * BATCH
+    dir_wall = 1e3 * med(results, "folder", "seconds") / loop_b
+    dir_cpu = 1e3 * med(results, "folder", "cpu_per_img") * BATCH
+    bare_w, bare_c = per_batch("bare"), per_batch("bare", "cpu")
+    fwd_w, fwd_c = per_batch("stage_forward"), per_batch("stage_forward", "cpu")
+    return [
+        ("bare forward: uint8 batch in, logits out", bare_w, bare_c),
+        ("  uint8 -> float32 conversion (bare minus bare on floats)",
+         bare_w - per_batch("bare_float"), bare_c - per_batch("bare_float", "cpu")),
+        ("  tapping 8 layers, logits before softmax (taps minus bare)",
+         per_batch("taps") - bare_w, per_batch("taps", "cpu") - bare_c),
+        ("mean + max of the 7 maps alone (maps computed beforehand)", per_batch("reductions", "reduce_s"), None),
+        ("copies back: .numpy() of the 14 reduced arrays", per_batch("reductions", "copy_s"), None),
+        ("stage forward alone (_batch_runner: taps, reductions, checks, copies)", fwd_w, fwd_c),
+        ("  minus bare", fwd_w - bare_w, fwd_c - bare_c),
+        ("extraction loop, .npz, per batch", npz_wall, npz_cpu),
+        ("  minus stage forward alone (loader, writer, Python)", npz_wall - fwd_w, npz_cpu - fwd_c),
+        ("  forward calls inside the loop (median)", 1e3 * med(results, "npz", "fwd_median_s"), None),
+        ("  main thread outside forward calls (waits, Python)",
+         1e3 * (med(results, "npz", "seconds") - med(results, "npz", "fwd_s")) / loop_b, None),
+        (f"  zarr write of one {group['rows']}-row chunk group alone ({group['bytes'] / 1e6:.1f} MB, "
+         f"thumbnails {group['thumbnails'] / 1e6:.1f}), per batch",
+         per_batch("group_write", "write_wall", group["rows"] / BATCH),
+         per_batch("group_write", "write_cpu", group["rows"] / BATCH)),
+        ("  .npz read in the loader thread, alone", per_batch("load_npz"), per_batch("load_npz", "cpu")),
+        ("extraction loop, PNG folder, per batch", dir_wall, dir_cpu),
+        ("  minus the .npz loop", dir_wall - npz_wall, dir_cpu - npz_cpu),
+        ("  PNG decode alone (the stage's loader, its thread pool)", per_batch("load_folder"),
+         per_batch("load_folder", "cpu")),
+    ]
+
+
+def print_steps(steps):
+    width = max(len(s) for s, _, _ in steps)
+    print(f"{'where the time goes, per batch of ' + str(BATCH) + ' (medians)':<{width}}  wall ms   CPU ms")
+    for step, wall, cpu in steps:
+        print(f"{step:<{width}}  {wall:7.1f}  " + (f"{cpu:7.1f}" if cpu is not None else "      -"))
+
+
+def notes_for(results, n, rss, parts, repeats, group):
+    a, b = rss
+    return [
+        f"Model: mini-ResNet {SIZE}x{SIZE}x3, {len(parts.names)} layers extracted (layers: auto), mean+max per "
+        f"channel, batch {BATCH}, N={n} ({-(-n // BATCH)} batches); the model's input is no larger than "
+        f"extract.thumbnail_size, so thumbnails are the input pixels (no device work).",
+        f"{repeats} repeats; in each, in this order: bare, bare on floats, taps, reductions, stage forward alone, "
+        "loaders alone, extract npz, extract folder, one chunk-group write. Loop rates: images after the first "
+        "batch / time from the end of the first forward call to the end of the batch loop. CPU = "
+        "time.process_time() of this process (all threads) over the same span; 'other processes' = machine "
+        "busy time (/proc/stat) minus ours, per pass.",
+        "Wall-time steps overlap (three threads on two cores): the loop costs more than the forward by the CPU the "
+        "loader and writer take from TensorFlow's pool, which the CPU column shows; the reductions (memory-bound, "
+        "one thread each) are the forward's extra.",
+        f"RSS: one fresh interpreter per size on an image folder; after importing TensorFlow "
+        f"{a['after_import_kb'] / 1024:.0f} MB; peak before the loop {a['before_loop_kb'] / 1024:.0f} / "
+        f"{b['before_loop_kb'] / 1024:.0f} MB; stage {a['seconds']:.1f} / {b['seconds']:.1f} s.",
+    ]
 
 
 if __name__ == "__main__":
