@@ -3,7 +3,7 @@
 Heavy libraries (TensorFlow, umap, openTSNE) are imported inside the stages that need them, so
 ``python -m pipeline --help``, ``status`` and ``report`` start fast.
 """
-__version__ = "0.1.0"
+from pipeline.version import __version__  # noqa: F401
 
 
 def load_run(path):
@@ -16,9 +16,9 @@ def load_run(path):
 
     Returns
     -------
-    pipeline.run.Run
+    pipeline.storage.results.Run
         Tables as pandas DataFrames (loaded on first access) and arrays as lazy zarr arrays.
     """
-    from pipeline.run import Run
+    from pipeline.storage.results import Run
 
     return Run(path)

@@ -98,7 +98,7 @@ def _config_from(args):
     if target:
         path = Path(target)
         if path.is_dir():
-            from pipeline.store import RunStore
+            from pipeline.storage.store import RunStore
 
             manifest = RunStore(path).read_json("manifest.json")
             if not manifest or "config" not in manifest:
@@ -152,9 +152,9 @@ def _engine_flags(cfg, args):
 
 
 def _run(cfg, args, only=None, from_stage=None):
-    from pipeline.models import check_safe
-    from pipeline.rundir import check_writable
-    from pipeline.runner import Runner
+    from pipeline.inputs.models import check_safe
+    from pipeline.storage.rundir import check_writable
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
     check_safe(cfg.model, cfg.trust_model)  # refuse before anything is written or run
@@ -162,14 +162,14 @@ def _run(cfg, args, only=None, from_stage=None):
 
     runner = Runner(cfg, all_stages(), debug=args.debug)
     if getattr(args, "show_plan", False):
-        from pipeline.planning import print_plan
+        from pipeline.orchestration.planning import print_plan
 
         print_plan(cfg, runner, only, from_stage, args.force)
     try:
         runner.run(only=only, from_stage=from_stage, force=args.force)
     finally:
         if cfg.engine == "dask":
-            from pipeline.distributed import close_client
+            from pipeline.engines.cluster import close_client
 
             close_client()
     print(f"run directory: {cfg.out_dir}")
@@ -177,7 +177,7 @@ def _run(cfg, args, only=None, from_stage=None):
 
 
 def cmd_plan(args):
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
     cfg = _config_from(args)
@@ -185,7 +185,7 @@ def cmd_plan(args):
     stages = [s.name for s in runner.plan()] or [s.name for s in runner.stages]
     if args.budget is not None:
         cfg.budget_minutes = args.budget
-    from pipeline.planning import known_clusters, plan_run
+    from pipeline.orchestration.planning import known_clusters, plan_run
 
     for line in plan_run(cfg, stages, known_clusters(runner.store)).lines():
         print(line)
@@ -207,13 +207,13 @@ def cmd_stage(args):
 
 
 def cmd_status(args):
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
     cfg = _config_from(args)
     if not cfg.out_dir.exists():
         raise UserError(f"run directory {cfg.out_dir} does not exist yet")
-    from pipeline.rundir import busy_message, locked
+    from pipeline.storage.rundir import busy_message, locked
 
     if locked(cfg.out_dir):
         print(busy_message(cfg.out_dir).split(";")[0])
@@ -222,8 +222,8 @@ def cmd_status(args):
 
 
 def cmd_layers(args):
-    from pipeline.autolayers import choose, summary_line
-    from pipeline.models import load_model
+    from pipeline.inputs.autolayers import choose, summary_line
+    from pipeline.inputs.models import load_model
 
     model = load_model(args.model, args.trust_model)
     print(f"model {model.name}: input {tuple(model.input_shape)}")
@@ -239,14 +239,14 @@ def cmd_layers(args):
 
 
 def cmd_export(args):
-    from pipeline.export import export_projector
+    from pipeline.orchestration.export import export_projector
 
     folder = export_projector(args.run_dir, args.layer, args.out)
     print(f"projector files: {folder}  (tensorboard --logdir {folder})")
 
 
 def cmd_demo(args):
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     run_demo(out=args.out, force=args.force, debug=args.debug)
 

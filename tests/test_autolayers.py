@@ -2,9 +2,9 @@
 import pytest
 
 import zoo
-from pipeline.autolayers import auto_layers, choose
-from pipeline.modelinfo import LayerInfo
-from pipeline.models import KerasModel
+from pipeline.inputs.autolayers import auto_layers, choose
+from pipeline.inputs.modelinfo import LayerInfo
+from pipeline.inputs.models import KerasModel
 
 
 def _residual_chain(blocks, size=32):

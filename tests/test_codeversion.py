@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.codeversion import code_version, imported_modules
 from pipeline.config import make_config
-from pipeline.runner import Runner, Stage
+from pipeline.orchestration.runner import Runner, Stage
 
 
 @pytest.fixture
@@ -87,12 +87,12 @@ def test_a_finished_stage_becomes_stale_when_a_module_it_imports_changes(package
 @pytest.mark.parametrize("stage, needed", [
     # Modules the old hand-written lists left out (issue 14): editing them left stale results "done".
     ("pipeline.stages.report", {"pipeline.report.values", "pipeline.report"}),
-    ("pipeline.stages.probe", {"pipeline.stages.extract", "pipeline.activations", "pipeline.probes",
-                               "pipeline.bias"}),
-    ("pipeline.stages.maximize", {"pipeline.forward", "pipeline.models", "pipeline.maximize.render",
+    ("pipeline.stages.probe", {"pipeline.extraction.plan", "pipeline.storage.arrays", "pipeline.shortcuts.probes",
+                               "pipeline.shortcuts.verdicts"}),
+    ("pipeline.stages.maximize", {"pipeline.extraction.forward", "pipeline.inputs.models", "pipeline.maximize.render",
                                   "pipeline.maximize.objectives"}),
-    ("pipeline.stages.extract", {"pipeline.images", "pipeline.dataset", "pipeline.savedmodel",
-                                 "pipeline.graphscan", "pipeline.dask_extract"}),
+    ("pipeline.stages.extract", {"pipeline.inputs.images", "pipeline.inputs.dataset", "pipeline.inputs.savedmodel",
+                                 "pipeline.inputs.graphscan", "pipeline.engines.dask_extract", "pipeline.extraction.loop"}),
 ])
 def test_every_stage_covers_the_modules_it_runs(stage, needed):
     assert needed <= imported_modules(stage)

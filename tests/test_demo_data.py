@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import demo_data
-from pipeline.demo_data import (CLASS_NAMES, PALETTE, TEXTURE_NAMES, build_demo_model,
+from pipeline.demo import data as demo_data
+from pipeline.demo.data import (CLASS_NAMES, PALETTE, TEXTURE_NAMES, build_demo_model,
                                 ensure_demo_assets, make_shapes, sample_factors,
                                 train_demo_model)
 

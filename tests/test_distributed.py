@@ -54,7 +54,7 @@ def cluster():
     """A 2-process LocalCluster that the tests join with --scheduler (and may kill workers of)."""
     from distributed import Client, LocalCluster
 
-    from pipeline.distributed import WORKER_ENV
+    from pipeline.engines.cluster import WORKER_ENV
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, env=dict(WORKER_ENV),
                       dashboard_address=None) as cl, Client(cl) as client:
@@ -113,11 +113,11 @@ def test_every_dask_stage_gives_the_local_tables(assets, local_run, cluster):
 
 def test_row_blocks_merge_partial_statistics_into_the_sequential_result(tmp_path, cluster):
     """Many blocks per pass (17 rows each): merged in row order, bit for bit the local stream."""
-    from pipeline.distributed import RowBlocks
-    from pipeline.layerstats import cka_matrix
-    from pipeline.neurons import (NeuronClusterer, bootstrap_stability, cluster_summary,
+    from pipeline.engines.cluster import RowBlocks
+    from pipeline.analysis.layerstats import cka_matrix
+    from pipeline.analysis.neurons import (NeuronClusterer, bootstrap_stability, cluster_summary,
                                   correlation_streaming, unit_summary)
-    from pipeline.activations import chunker
+    from pipeline.storage.arrays import chunker
 
     _, client = cluster
     rng = np.random.default_rng(0)
@@ -147,8 +147,8 @@ def test_row_blocks_merge_partial_statistics_into_the_sequential_result(tmp_path
 
 def test_partial_accumulators_merge_exactly():
     """The merges the Dask engine relies on, without Dask: per-chunk states merged in order."""
-    from pipeline.layerstats import StreamingCKA
-    from pipeline.neurons import StreamingMoments, _TopK
+    from pipeline.analysis.layerstats import StreamingCKA
+    from pipeline.analysis.neurons import StreamingMoments, _TopK
 
     rng = np.random.default_rng(1)
     x = rng.normal(5, 2, (97, 6)).astype(np.float32)

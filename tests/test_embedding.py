@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import embedding as E
+from pipeline.analysis import embedding as E
 
 METHODS = ["tsne", "umap"]
 
@@ -246,7 +246,7 @@ def test_numba_cache_dir_chosen_by_the_user_is_kept(monkeypatch):
 
 
 def test_importing_umap_does_not_import_tensorflow():
-    code = ("import sys; from pipeline.embedding import _import_umap; _import_umap(); "
+    code = ("import sys; from pipeline.analysis.embedding import _import_umap; _import_umap(); "
             "print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

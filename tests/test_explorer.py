@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import ReportConfig
 from pipeline.report import build_report
 from pipeline.report.names import layer_page
-from pipeline.store import RunStore
+from pipeline.storage.store import RunStore
 from test_report import EVIL
 
 CLASSES = (EVIL, "square", "circle", "cross")

@@ -24,7 +24,7 @@ def folder(tmp_path_factory):
 
 
 def load_pixels(paths):
-    from pipeline.images import load_images
+    from pipeline.inputs.images import load_images
 
     x, _, _ = load_images(paths, (16, 16), 3)
     return x.astype("float32") / 255

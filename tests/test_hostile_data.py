@@ -20,9 +20,9 @@ import pytest
 from numpy.lib import format as npy
 from PIL import Image
 
-from pipeline import images
+from pipeline.inputs import images
 from pipeline.config import DataConfig
-from pipeline.dataset import build_dataset, pixel_loader
+from pipeline.inputs.dataset import build_dataset, pixel_loader
 from pipeline.errors import UserError
 
 SIZE = (8, 8)

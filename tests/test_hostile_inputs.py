@@ -18,7 +18,7 @@ from zoo import run_cli
 from pipeline import load_run
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.rundir import LOCK, hold, locked
+from pipeline.storage.rundir import LOCK, hold, locked
 
 
 def one_line_error(stderr):
@@ -94,7 +94,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from pipeline.rundir import hold
+        from pipeline.storage.rundir import hold
         with hold({str(run)!r}):
             print("held", flush=True)
             time.sleep(120)
@@ -264,7 +264,7 @@ def test_a_config_file_that_is_not_utf8_is_a_one_line_error(tmp_path):
 
 def test_a_batch_size_larger_than_the_dataset_is_not_padded_up_to(tmp_path, setup, monkeypatch):
     """``extract.batch_size: 8192`` with 9 images runs one batch of 9, not 8192 rows of padding."""
-    import pipeline.stages.extract as extract
+    import pipeline.extraction.plan as extract  # where the extract stage builds its forward pass
 
     root, model = setup
     seen = []
@@ -418,7 +418,7 @@ def test_any_npz_header_is_used_or_refused_in_one_line_with_flat_memory(tmp_path
     import tracemalloc
 
     from pipeline.config import DataConfig
-    from pipeline.dataset import build_dataset, pixel_loader
+    from pipeline.inputs.dataset import build_dataset, pixel_loader
 
     shape, dtype, data, y = spec
     extra = {} if y is None else {"y": np.array(y, dtype=np.int64)}

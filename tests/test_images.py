@@ -1,4 +1,4 @@
-"""How user images are found, decoded, converted and sampled (pipeline/images.py)."""
+"""How user images are found, decoded, converted and sampled (pipeline/inputs/images.py)."""
 
 import io
 import os
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from pipeline.errors import SkipInput, UserError
-from pipeline.images import (
+from pipeline.inputs.images import (
     convert_array_batch,
     infer_value_range,
     list_classes,

@@ -24,14 +24,14 @@ import pytest
 import yaml
 
 import zoo
-from pipeline.bias import Classes, read_classes, shortcut_tables
+from pipeline.shortcuts.verdicts import Classes, read_classes, shortcut_tables
 from pipeline.config import load_config
 from pipeline.report import build_report
 from pipeline.report.data import load_report_data
 from pipeline.report.names import class_page
-from pipeline.runner import Runner
+from pipeline.orchestration.runner import Runner
 from pipeline.stages import cluster, extract, maximize, probe
-from pipeline.store import RunStore
+from pipeline.storage.store import RunStore
 from test_report import add_embeddings_and_maximize
 
 NOT_MATCHED = "predictions are not matched to labels"

@@ -1,4 +1,4 @@
-"""Whole-layer figures (pipeline/layerstats.py): class separability and CKA between layers."""
+"""Whole-layer figures (pipeline/analysis/layerstats.py): class separability and CKA between layers."""
 
 import tracemalloc
 import warnings
@@ -10,7 +10,7 @@ from scipy.stats import ortho_group
 
 from zoo import peak_bytes
 
-from pipeline.layerstats import (
+from pipeline.analysis.layerstats import (
     LAYER_COLUMNS,
     MinibatchCKA,
     StreamingCKA,

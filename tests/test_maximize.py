@@ -258,7 +258,7 @@ def test_model_with_preprocessing_and_batchnorm_in_inference_mode(keras, tf):
 
 
 def test_class_objective_makes_the_demo_model_sure_of_each_class(tf):
-    from pipeline.demo_data import make_shapes, train_demo_model
+    from pipeline.demo.data import make_shapes, train_demo_model
     from pipeline.maximize import objectives as obj
     from pipeline.maximize import transforms as T
     from pipeline.maximize.render import Renderer
@@ -311,7 +311,7 @@ def test_unit_selection_and_batches():
 def extracted_run(tmp_path, keras):
     """A tiny model and dataset, extracted; returns a function making configs for it."""
     from pipeline.config import make_config
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import extract
 
     inp = keras.Input((16, 16, 3))
@@ -333,9 +333,9 @@ def extracted_run(tmp_path, keras):
 
 
 def _run_stage(cfg):
-    from pipeline.runner import Context
+    from pipeline.stages.base import Context
     from pipeline.stages import maximize
-    from pipeline.store import RunStore
+    from pipeline.storage.store import RunStore
 
     store = RunStore(cfg.out_dir)
     return maximize.run(Context(cfg, store)), store

@@ -2,7 +2,7 @@
 
 A SavedModel is a program: its forward pass can write files (``tf.io.write_file``, ``tf.print`` to
 ``file://``) and ``tf.saved_model.load`` runs its resource initializers. The gate
-(:mod:`pipeline.graphscan`) parses ``saved_model.pb`` and refuses every op outside an allowlist,
+(:mod:`pipeline.inputs.graphscan`) parses ``saved_model.pb`` and refuses every op outside an allowlist,
 in the graph and in every function of its library, before TensorFlow loads anything. Printing to
 stderr is allowed: it touches no file. A Keras config passes only classes from Keras' own package,
 compared exactly.
@@ -24,12 +24,12 @@ import keras  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import graphscan  # noqa: E402
+from pipeline.inputs import graphscan  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.errors import UnsafeModelError, UserError  # noqa: E402
-from pipeline.models import (  # noqa: E402
+from pipeline.inputs.models import (  # noqa: E402
     check_keras_version, check_safe, class_nodes, load_model, unsafe_parts)
-from pipeline.savedmodel import GraphModel  # noqa: E402
+from pipeline.inputs.savedmodel import GraphModel  # noqa: E402
 from zoo import run_cli  # noqa: E402
 
 L = keras.layers

@@ -1,11 +1,11 @@
-"""Neurons of one layer (pipeline/neurons.py): moments, dead units, clusters, stability, summaries."""
+"""Neurons of one layer (pipeline/analysis/neurons.py): moments, dead units, clusters, stability, summaries."""
 import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from zoo import peak_bytes
 
-from pipeline.neurons import (
+from pipeline.analysis.neurons import (
     NeuronClusterer,
     StreamingMoments,
     bootstrap_stability,

@@ -4,7 +4,7 @@ import functools
 import zoo
 from pipeline.cli import main
 from pipeline.config import DataConfig
-from pipeline.planning import Plan, StageEstimate, count_images
+from pipeline.orchestration.planning import Plan, StageEstimate, count_images
 
 
 # Every stage small and the report beside the run; each test adds its maximize section.

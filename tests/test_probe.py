@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 from matplotlib.colors import rgb_to_hsv
 
-from pipeline import bias, demo_data
-from pipeline.bias import Interval, Rules, UnitSensitivity, cluster_sensitivity, decide, shortcut_tables
+from pipeline.shortcuts import verdicts as bias
+from pipeline.demo import data as demo_data
+from pipeline.shortcuts.verdicts import Interval, Rules, UnitSensitivity, cluster_sensitivity, decide, shortcut_tables
 from pipeline.config import ProbeConfig, make_config
-from pipeline.probes import (background_mask, blur, centre_mask, channel_shuffle, compose, grayscale,
+from pipeline.shortcuts.probes import (background_mask, blur, centre_mask, channel_shuffle, compose, grayscale,
                              hue_rotation, make_probes, patch_shuffle)
 
 
@@ -280,7 +281,7 @@ def train(x, y, epochs, batch_size, seed=0):
 
 def probe_run(tmp_path, name, model, x, y, class_names, **probe):
     """Save model and images, run extract + probe, return (run directory, verdicts by class name)."""
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import extract
     from pipeline.stages import probe as probe_stage
 
@@ -361,7 +362,7 @@ def test_the_stage_writes_its_tables_and_example_images(colour_run):
 
 
 def test_rerunning_the_stage_gives_identical_tables(colour_run):
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import extract, probe
 
     run, _ = colour_run
@@ -377,7 +378,7 @@ def test_rerunning_the_stage_gives_identical_tables(colour_run):
 def test_grey_unlabelled_images_still_get_unit_sensitivities(tmp_path):
     import keras
 
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import extract, probe
 
     keras.utils.set_random_seed(0)

@@ -20,15 +20,15 @@ import pytest
 from PIL import Image
 
 import zoo
-from pipeline import bias
+from pipeline.shortcuts import verdicts as bias
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.report import build_report
 from pipeline.report.names import class_page, layer_page, slug
 from pipeline.report.shortcuts import readable
-from pipeline.runner import Runner
+from pipeline.orchestration.runner import Runner
 from pipeline.stages import cluster, extract, probe, report
-from pipeline.store import RunStore
+from pipeline.storage.store import RunStore
 
 EVIL = "<img src=x onerror=alert(1)>"
 ESCAPED = html.escape(EVIL, quote=True)  # &lt;img src=x onerror=alert(1)&gt;

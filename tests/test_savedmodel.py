@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.savedmodel import GraphModel  # noqa: E402
+from pipeline.inputs.savedmodel import GraphModel  # noqa: E402
 
 L = keras.layers
 

@@ -8,8 +8,8 @@ import zoo
 from pipeline import load_run
 from pipeline.cli import main
 from pipeline.errors import UserError
-from pipeline.models import KerasModel, load_model
-from pipeline.subclassed import tapping
+from pipeline.inputs.models import KerasModel, load_model
+from pipeline.inputs.subclassed import tapping
 
 SIZE = 16
 

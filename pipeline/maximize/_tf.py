@@ -3,7 +3,7 @@ import os
 
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-from pipeline.tfsetup import tensorflow  # noqa: E402  (the flag must be set first)
+from pipeline.backend.tf import tensorflow  # noqa: E402  (the flag must be set first)
 
 tf = tensorflow()
 

@@ -64,7 +64,7 @@ def as_adapter(model):
     """The model adapter (``build_extractor``) for a pipeline model or a plain ``keras.Model``."""
     if hasattr(model, "build_extractor"):
         return model
-    from pipeline.models import KerasModel
+    from pipeline.inputs.models import KerasModel
 
     return KerasModel(model, name=getattr(model, "name", "model"))
 

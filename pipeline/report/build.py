@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline.version import __version__
 from pipeline.errors import UserError
 from pipeline.report.csp import CSP
-from pipeline.store import RunStore
+from pipeline.storage.store import RunStore
 
 MARKER = ".pipeline-report.json"
 TEMPLATES = Path(__file__).parent / "templates"

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.bias import read_classes
+from pipeline.shortcuts.verdicts import read_classes
 from pipeline.errors import UserError
 
 STAGE_ORDER = ("extract", "embed", "cluster", "maximize", "probe", "report")
-OPTIONAL = {  # attribute -> run-directory file read directly (not in pipeline.run.TABLES)
+OPTIONAL = {  # attribute -> run-directory file read directly (not in pipeline.storage.results.TABLES)
     "quality": "embeddings/quality.parquet",
     "bias": "bias.parquet",                     # the shortcut finder (probe stage), per class x probe
     "bias_verdicts": "bias_verdicts.parquet",   # ... and its verdict per class
@@ -53,7 +53,7 @@ class ReportData:
     layer_info: dict
     class_names: dict              # code -> name, every declared class (also those without images)
     labels: np.ndarray             # (N,) class codes, -1 = unlabelled
-    classes: object = None         # pipeline.bias.Classes: also whether codes are the user's labels
+    classes: object = None         # pipeline.shortcuts.verdicts.Classes: also whether codes are the user's labels
     clusters: pd.DataFrame | None = None
     cluster_summary: pd.DataFrame | None = None
     layers: pd.DataFrame | None = None
@@ -130,9 +130,9 @@ class ReportData:
 
 def load_report_data(run_dir, title=None) -> ReportData:
     """Open ``run_dir`` (needs the extract stage; everything else is optional)."""
-    import pipeline
+    from pipeline.storage.results import Run
 
-    run = pipeline.load_run(run_dir)
+    run = Run(run_dir)
     if run.dataset is None:
         raise UserError(f"{run_dir} has no dataset.parquet yet: run the extract stage first")
     manifest = run.manifest or {}
@@ -167,11 +167,11 @@ def predictions(run, labels, classes, rows=8192) -> Predictions | None:
 
     Parameters
     ----------
-    run : pipeline.run.Run
+    run : pipeline.storage.results.Run
     labels : (N,) int
         Class codes (-1 = unlabelled).
-    classes : pipeline.bias.Classes
-        Decides whether outputs are classes (:meth:`~pipeline.bias.Classes.mismatch`).
+    classes : pipeline.shortcuts.verdicts.Classes
+        Decides whether outputs are classes (:meth:`~pipeline.shortcuts.verdicts.Classes.mismatch`).
     rows : int
         Logits softmaxed per chunk, so memory stays bounded for large runs.
 

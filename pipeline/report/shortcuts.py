@@ -3,7 +3,7 @@
 Turns the probe stage's tables (``bias_verdicts.parquet``, ``bias.parquet``, ``probe_units.parquet``,
 ``probes/``) into plain values for ``index.html`` and into the cue sensitivities shown on unit and
 cluster cards. Cluster sensitivities are recomputed from the current ``clusters.parquet``
-(:func:`pipeline.bias.cluster_sensitivity`), never read from ``probe_clusters.parquet``, so they
+(:func:`pipeline.shortcuts.verdicts.cluster_sensitivity`), never read from ``probe_clusters.parquet``, so they
 always match the clusters the report shows.
 """
 from __future__ import annotations
@@ -211,7 +211,7 @@ class CueLookup:
         for r in units[["layer", "channel", *cols]].to_dict("records"):
             self.units[(r["layer"], int(r["channel"]))] = _cue_values(r)
         if data.clusters is not None:
-            from pipeline.bias import cluster_sensitivity
+            from pipeline.shortcuts.verdicts import cluster_sensitivity
 
             for r in cluster_sensitivity(units, data.clusters).to_dict("records"):
                 self.clusters[(r["layer"], int(r["cluster"]))] = _cue_values(r)
@@ -235,7 +235,7 @@ def _cue_values(row):
 
 def _colour_clusters(site):
     """The most colour-sensitive clusters (recomputed on the current clusters) with their images."""
-    from pipeline import bias
+    from pipeline.shortcuts import verdicts as bias
 
     data = site.data
     if data.probe_units is None or data.clusters is None or "colour_sensitivity" not in data.probe_units:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.runner import Stage
-from pipeline.activations import chunker, layer_array, open_activations
+from pipeline.stages.base import Stage
+from pipeline.storage.arrays import chunker, layer_array, open_activations
 
 
 def _params(cfg):
@@ -23,7 +23,7 @@ def cluster_layer(chunks, n_images, image_labels, cfg, *, n_units=None):
     A layer of more than ``cluster.max_units`` units (``n_units``) is not clustered: see
     :func:`unclustered_layer`.
     """
-    from pipeline.neurons import NeuronClusterer, bootstrap_stability, correlation_streaming, dead_units
+    from pipeline.analysis.neurons import NeuronClusterer, bootstrap_stability, correlation_streaming, dead_units
 
     c = cfg.cluster
     if n_units is not None and n_units > c.max_units:
@@ -51,7 +51,7 @@ def unclustered_layer(chunks, n_units, image_labels, cfg):
     the per-unit figures (dead, mean, std, max, top images, selectivity) are computed in ``O(C)``
     memory and a note says which key to raise. CKA between layers still covers the layer.
     """
-    from pipeline.neurons import dead_units, unit_moments
+    from pipeline.analysis.neurons import dead_units, unit_moments
 
     c = cfg.cluster
     stats = unit_moments(chunks)
@@ -65,7 +65,7 @@ def unclustered_layer(chunks, n_units, image_labels, cfg):
 
 def _tables(chunks, corr, labels, dead, stats, image_labels, top_k):
     """Per-unit and per-cluster tables of one layer, stability left NaN (the bootstrap fills it)."""
-    from pipeline.neurons import cluster_summary, unit_summary
+    from pipeline.analysis.neurons import cluster_summary, unit_summary
 
     units = unit_summary(chunks, image_labels, top_k=top_k)
     units.insert(1, "cluster", labels)
@@ -79,7 +79,7 @@ def _tables(chunks, corr, labels, dead, stats, image_labels, top_k):
 def run(ctx):
     from functools import partial
 
-    from pipeline.layerstats import layer_figures, layer_table, minibatch_cka
+    from pipeline.analysis.layerstats import layer_figures, layer_table, minibatch_cka
     from pipeline.progress import progress
 
     cfg, store = ctx.cfg, ctx.store
@@ -137,7 +137,7 @@ def _row_blocks(ctx):
     (same blocks, partial results merged in the same order: the same tables)."""
     if ctx.cfg.engine != "dask":
         return chunker
-    from pipeline import distributed
+    from pipeline.engines import cluster as distributed
 
     client = distributed.client_for(ctx.cfg)
     ctx.log(f"cluster: statistics on {distributed.describe(client)}")

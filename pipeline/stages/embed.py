@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.runner import Stage
-from pipeline.activations import layer_array, open_activations
+from pipeline.stages.base import Stage
+from pipeline.storage.arrays import layer_array, open_activations
 
 
 def _params(cfg):
@@ -18,20 +18,20 @@ def _params(cfg):
 
 
 def _embed_one(features, method, cfg):
-    from pipeline import embedding as E
+    from pipeline.analysis import embedding as E
 
     e = cfg.embed
     kw = {"random_state": cfg.seed, "max_fit": e.max_fit}
     kw.update({"perplexity": e.perplexity} if method == "tsne" else {"n_neighbors": e.n_neighbors})
     if cfg.engine == "dask" and len(features) > e.max_fit:  # the rest placed on the workers, same map
-        from pipeline import dask_embed
+        from pipeline.engines import dask_embed
 
         return dask_embed.embed(features, method, cfg, **kw)
     return E.embed(features, method, **kw)
 
 
 def _quality(features, xy, labels, cfg, of, method, layer):
-    from pipeline import embedding as E
+    from pipeline.analysis import embedding as E
 
     return {"layer": layer, "of": of, "method": method, "n_points": len(xy),
             "fallback": len(xy) < E.MIN_POINTS,
@@ -44,7 +44,7 @@ def embed_layer(acts, layer, labels, cfg, advance=None):
 
     ``advance(1)`` (optional) is called after each map.
     """
-    from pipeline import embedding as E
+    from pipeline.analysis import embedding as E
 
     e = cfg.embed
     images, neurons, quality = [], [], []
@@ -75,7 +75,7 @@ def embed_layer(acts, layer, labels, cfg, advance=None):
 
 
 def run(ctx):
-    from pipeline import embedding as E
+    from pipeline.analysis import embedding as E
     from pipeline.progress import progress
 
     cfg, store = ctx.cfg, ctx.store

@@ -17,7 +17,7 @@ dataset max (NaN with ``score_valid`` False where the dataset max is ≤ ~0); ``
 (activation − dataset mean) / dataset std. ``probability`` (class images only) is the model's
 softmax probability of the class on the image. ``class_name`` is set only when output ``k`` is
 class ``k`` (the class codes are the user's own labels and there are as many outputs as declared
-classes: :meth:`pipeline.bias.Classes.mismatch`); otherwise it is empty and the image is output ``k``.
+classes: :meth:`pipeline.shortcuts.verdicts.Classes.mismatch`); otherwise it is empty and the image is output ``k``.
 
 Class images maximise the class's log-probability rather than its bare logit: on the demo model
 raising the 'triangle' logit raises the 'cross' logit faster, so a logit-only image is classified
@@ -39,7 +39,8 @@ import pandas as pd
 
 from pipeline.codeversion import code_version
 from pipeline.config import hash_json, parse_scale
-from pipeline.runner import Stage, file_hash
+from pipeline.stages.base import Stage
+from pipeline.storage.hashing import file_hash
 
 ZARR = "activations.zarr"
 INDEX = "maximize/index.parquet"
@@ -80,7 +81,7 @@ class _Group:
 
 
 def run(ctx):
-    from pipeline.activations import open_activations
+    from pipeline.storage.arrays import open_activations
 
     cfg, store = ctx.cfg, ctx.store
     root, order, infos = open_activations(store)
@@ -192,7 +193,7 @@ def _class_group(ctx, root):
 
 def _output_names(ctx, n_outputs):
     """``{output: class name}`` when output ``k`` is class ``k``; else empty (images stay "output k")."""
-    from pipeline.bias import read_classes
+    from pipeline.shortcuts.verdicts import read_classes
 
     if not ctx.store.exists("dataset.parquet"):
         return {}
@@ -241,7 +242,7 @@ def _renderer(ctx, model, group):
 
 
 def _render_all(ctx, groups, todo, done, params_hash):
-    from pipeline.models import load_model
+    from pipeline.inputs.models import load_model
     from pipeline.progress import progress
 
     mx = ctx.cfg.maximize

@@ -1,27 +1,27 @@
 """Probe stage (the shortcut finder): does the model decide by colour, texture or shape?
 
 Runs the model on a seeded, class-stratified sample of the analysed images, once as they are and
-once per counterfactual probe (:mod:`pipeline.probes`), with the same multi-output forward pass
+once per counterfactual probe (:mod:`pipeline.shortcuts.probes`), with the same multi-output forward pass
 as the extract stage (the extracted layers, channel means). From the logits it computes per class
 and probe the accuracy / logit / break-rate changes with bootstrap intervals and a verdict per
-class (:mod:`pipeline.bias`); from the activations, each unit's sensitivity to each probe.
+class (:mod:`pipeline.shortcuts.verdicts`); from the activations, each unit's sensitivity to each probe.
 
 Writes
 ------
-``bias.parquet``           one row per (class, probe): see ``pipeline.bias.BIAS_COLUMNS``
+``bias.parquet``           one row per (class, probe): see ``pipeline.shortcuts.verdicts.BIAS_COLUMNS``
 ``bias_verdicts.parquet``  one row per class: verdict, effect size and interval, cue, reason
 ``probe_units.parquet``    one row per unit: layer, channel, colour/texture/shape_sensitivity,
                            ``<probe>_sensitivity`` per probe
 ``probe_clusters.parquet`` per neuron cluster, mean of its units (only when ``clusters.parquet``
                            exists; ``clusters.parquet`` itself is never modified — the report
-                           joins, or calls ``pipeline.bias.cluster_sensitivity`` on the current
+                           joins, or calls ``pipeline.shortcuts.verdicts.cluster_sensitivity`` on the current
                            tables)
 ``probes/``                ``examples.png`` (rows: example images; columns: original, each probe),
                            ``<probe>.png`` (the same examples under one probe), ``index.parquet``
 
 Unlabelled images, or classes the model's outputs cannot be read as (output ``k`` is class ``k``
 only when the class codes are the user's own labels and there are as many outputs as declared
-classes: :meth:`pipeline.bias.Classes.mismatch`), skip the class tables, which are then written
+classes: :meth:`pipeline.shortcuts.verdicts.Classes.mismatch`), skip the class tables, which are then written
 empty, with the reason logged and in the manifest summary (``class_metrics``); unit sensitivities
 are computed in every case.
 """
@@ -32,7 +32,8 @@ import io
 import numpy as np
 import pandas as pd
 
-from pipeline.runner import Stage, file_hash
+from pipeline.stages.base import Stage
+from pipeline.storage.hashing import file_hash
 
 OUTPUTS = ("bias.parquet", "bias_verdicts.parquet", "probe_units.parquet", "probes")
 
@@ -47,7 +48,7 @@ def _inputs(cfg):
 
 def sample_rows(labels, max_images, seed) -> np.ndarray:
     """Positions of the probed images: a seeded class-stratified sample, in dataset order."""
-    from pipeline.images import stratified_sample
+    from pipeline.inputs.images import stratified_sample
 
     return stratified_sample(np.asarray(labels), max_images, seed)
 
@@ -61,14 +62,14 @@ def class_support(labels, n_outputs, classes=None):
         Class codes of the probed images (-1 = unlabelled).
     n_outputs : int
         Width of the model's logits.
-    classes : pipeline.bias.Classes, optional
-        The run's classes (:func:`pipeline.bias.read_classes`); without it, the distinct labels.
+    classes : pipeline.shortcuts.verdicts.Classes, optional
+        The run's classes (:func:`pipeline.shortcuts.verdicts.read_classes`); without it, the distinct labels.
 
     Returns
     -------
     str or None
     """
-    from pipeline.bias import Classes
+    from pipeline.shortcuts.verdicts import Classes
 
     labels = np.asarray(labels)
     if not (labels >= 0).any():
@@ -80,8 +81,8 @@ def class_support(labels, n_outputs, classes=None):
 
 
 def run(ctx):
-    from pipeline import bias
-    from pipeline.probes import make_probes
+    from pipeline.shortcuts import verdicts as bias
+    from pipeline.shortcuts.probes import make_probes
 
     cfg, store = ctx.cfg, ctx.store
     dataset = store.read_table("dataset.parquet")
@@ -130,9 +131,9 @@ def run(ctx):
 
 
 def _model(ctx):
-    from pipeline.models import load_model
-    from pipeline.activations import open_activations
-    from pipeline.stages.extract import input_geometry
+    from pipeline.inputs.models import load_model
+    from pipeline.storage.arrays import open_activations
+    from pipeline.extraction.plan import input_geometry
 
     cfg = ctx.cfg
     model = load_model(cfg.model, cfg.trust_model)
@@ -142,7 +143,7 @@ def _model(ctx):
 
 
 def _class_tables(ctx, classes, labels, logits, probed, groups, skipped):
-    from pipeline import bias
+    from pipeline.shortcuts import verdicts as bias
 
     cfg = ctx.cfg
     keep = labels >= 0
@@ -153,10 +154,10 @@ def _class_tables(ctx, classes, labels, logits, probed, groups, skipped):
 
 def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes):
     """Logits ``(n, K)`` on the originals, ``{probe: (n, K)}``, unit sensitivities and examples."""
-    from pipeline.bias import UnitSensitivity
+    from pipeline.shortcuts.verdicts import UnitSensitivity
     from pipeline.config import parse_scale
-    from pipeline.dataset import pixel_loader
-    from pipeline.forward import make_forward
+    from pipeline.inputs.dataset import pixel_loader
+    from pipeline.extraction.forward import make_forward
     from pipeline.progress import progress
 
     cfg = ctx.cfg
@@ -192,7 +193,7 @@ def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes
 
 def _key(layer, kind):
     """The forward pass's array of a layer's per-unit values (channel means, or a dense layer's values)."""
-    from pipeline.forward import layer_path
+    from pipeline.extraction.forward import layer_path
 
     return f"{layer_path(layer)}/{'mean' if kind == 'map' else 'value'}"
 

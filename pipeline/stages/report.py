@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.runner import Stage, file_hash
+from pipeline.stages.base import Stage
+from pipeline.storage.hashing import file_hash
 
 REPORT_PACKAGE = Path(__file__).resolve().parent.parent / "report"
 

@@ -6,7 +6,7 @@ Run from the repository root::
     python tests/benchmarks/bench_cluster.py --quick     # smoke run, N = 8192
 
 What is measured: ``correlation_streaming(chunker(zarr_array))`` exactly as the cluster stage calls
-it (``pipeline.activations.chunker``, 4096 rows per block) over a float32 zarr array on
+it (``pipeline.storage.arrays.chunker``, 4096 rows per block) over a float32 zarr array on
 disk of shape (N, 512) and (4N, 512), chunked (4096, 512) with zarr's default codecs. Each
 measurement runs in a fresh interpreter that imports numpy, zarr and the pipeline modules, opens
 the array, and then records a baseline ``ru_maxrss`` before computing. Reported per run:
@@ -78,8 +78,8 @@ def child_main(mode, path, out_npy):
     import numpy as np
     import zarr
 
-    from pipeline.neurons import correlation_streaming
-    from pipeline.activations import chunker
+    from pipeline.analysis.neurons import correlation_streaming
+    from pipeline.storage.arrays import chunker
 
     method, trace = mode.split("-") if "-" in mode else (mode, None)
     arr = zarr.open_array(str(path), mode="r")

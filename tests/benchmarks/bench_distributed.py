@@ -69,7 +69,7 @@ def _cpu_seconds():
 def child(spec_path):
     """Run the extract stage once as described in the JSON spec; print timings and peaks as JSON."""
     from pipeline.config import make_config
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
     spec = json.loads(Path(spec_path).read_text())
@@ -78,7 +78,7 @@ def child(spec_path):
     if cfg.engine == "dask":
         from distributed import Client, LocalCluster
 
-        from pipeline.distributed import WORKER_ENV
+        from pipeline.engines.cluster import WORKER_ENV
 
         import logging
 
@@ -108,7 +108,7 @@ def child(spec_path):
     if client is not None:
         out["worker_peak_kb"] = sorted(client.run(_peak_kb).values())
         out["cpu"] += sum(client.run(_cpu_seconds).values())
-        from pipeline.distributed import close_client
+        from pipeline.engines.cluster import close_client
 
         close_client()
         client.close()
@@ -130,7 +130,7 @@ def save_assets(tmp, n_max):
     and the children's peaks must be their own."""
     import bench_extract as B
 
-    from pipeline.tfsetup import tensorflow
+    from pipeline.backend.tf import tensorflow
 
     tensorflow()
     B.build_model().save(Path(tmp) / "mini_resnet.keras")

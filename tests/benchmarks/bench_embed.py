@@ -1,4 +1,4 @@
-"""Benchmark image t-SNE (``pipeline.embedding.tsne_2d``) against scikit-learn's TSNE on the same data.
+"""Benchmark image t-SNE (``pipeline.analysis.embedding.tsne_2d``) against scikit-learn's TSNE on the same data.
 
 Run from the repository root::
 
@@ -8,7 +8,7 @@ Run from the repository root::
 
 What is measured, all in the same run on the same machine:
 
-- Data (default ``--data shapes``): ``pipeline.demo_data.make_shapes(N, seed=0)`` (32x32 RGB,
+- Data (default ``--data shapes``): ``pipeline.demo.data.make_shapes(N, seed=0)`` (32x32 RGB,
   4 shapes with a colour shortcut) passed through a fixed random two-layer conv feature map
   (3x3 conv 3->32 stride 2, ReLU, 3x3 conv 32->256 stride 2, ReLU, spatial mean), i.e. pooled
   activations of an untrained CNN, N x 256 float32. ``--data blobs``: 10 clusters, each a 3-D
@@ -39,7 +39,7 @@ import harness  # first: puts the repository on sys.path
 import numpy as np
 
 from harness import log, ok
-from pipeline import embedding
+from pipeline.analysis import embedding
 
 
 # --------------------------------------------------------------------------- data
@@ -58,7 +58,7 @@ def _conv_relu(x, w, b, stride):
 
 def shapes_features(n, seed=0, block=2000):
     """Pooled activations of a fixed random 2-layer CNN over ``make_shapes(n, seed)``: (n, 256), labels."""
-    from pipeline.demo_data import make_shapes
+    from pipeline.demo.data import make_shapes
 
     images, labels = make_shapes(n, seed)[:2]
     rng = np.random.default_rng(1234)

@@ -186,7 +186,7 @@ def instrumented(probe):
     import zarr
 
     from pipeline.stages import extract
-    from pipeline.store import RunStore
+    from pipeline.storage.store import RunStore
 
     orig = extract.make_forward, extract.pixel_loader, zarr.Array.__setitem__, RunStore.write_json
 
@@ -223,7 +223,7 @@ def instrumented(probe):
 def run_extract(raw_cfg, quiet=True):
     """One extract stage through the runner, as ``python -m pipeline extract`` does; returns (seconds, Probe)."""
     from pipeline.config import make_config
-    from pipeline.runner import Runner
+    from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
     cfg = make_config(raw_cfg)
@@ -314,9 +314,9 @@ class StageParts:
     def __init__(self, model_path, cfg_raw, n):
         import tensorflow as tf
 
-        from pipeline.autolayers import choose
+        from pipeline.inputs.autolayers import choose
         from pipeline.config import make_config
-        from pipeline.models import load_model
+        from pipeline.inputs.models import load_model
         from pipeline.stages import extract
 
         self.cfg = make_config(cfg_raw)
@@ -335,7 +335,7 @@ class StageParts:
         # Every layer tapped, only the (pre-softmax) logits copied back: the cost of tapping.
         self.taps = tf.function(lambda pixels: extractor(inputs(pixels))[1])
         self.maps = tf.function(lambda pixels: [extractor(inputs(pixels))[0][i] for i in maps])
-        # The stage's reductions (pipeline.forward) on maps computed beforehand.
+        # The stage's reductions (pipeline.extraction.forward) on maps computed beforehand.
         self.reduce = tf.function(lambda ys: [r(y, axis=[1, 2]) for y in ys for r in (tf.reduce_mean, tf.reduce_max)])
 
     def forward_pass(self, batches):
@@ -367,7 +367,7 @@ class StageParts:
 def loader_pass(cfg_raw):
     """The stage's pixel loader over every batch of the dataset (what the loader thread does)."""
     from pipeline.config import make_config
-    from pipeline.dataset import build_dataset, pixel_loader
+    from pipeline.inputs.dataset import build_dataset, pixel_loader
 
     data = make_config(cfg_raw).data
     dataset, _, _ = build_dataset(data, (SIZE, SIZE), 3, 0)
@@ -384,7 +384,7 @@ def group_write_pass(run_dir, tmp):
     """Write the first stored chunk group of ``run_dir`` again, alone, the way the stage's writer does."""
     import zarr
 
-    from pipeline import extraction
+    from pipeline.extraction.loop import loop as extraction
 
     source = zarr.open_group(str(Path(run_dir) / "activations.zarr"), mode="r")
     keys = sorted(k for k, v in source.members(max_depth=None) if isinstance(v, zarr.Array))
@@ -441,7 +441,7 @@ def main():
     args = ap.parse_args()
     if args.child:
         global AFTER_IMPORT_KB
-        from pipeline.tfsetup import tensorflow
+        from pipeline.backend.tf import tensorflow
 
         tensorflow()
         import zarr  # noqa: F401
@@ -452,7 +452,7 @@ def main():
     rss_n = args.rss_n or (300 if args.quick else 2000)
     repeats = max(3, args.repeats or 3)
 
-    from pipeline.tfsetup import tensorflow
+    from pipeline.backend.tf import tensorflow
 
     tf = tensorflow()
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))

@@ -106,9 +106,9 @@ def main(argv=None):
                         help="also run tf-keras-vis without its TV/L1 regularisers (tuned for VGG16's large activations)")
     args = parser.parse_args(argv)
 
-    from pipeline.demo_data import ensure_demo_assets
-    from pipeline.models import load_model
-    from pipeline.tfsetup import tensorflow
+    from pipeline.demo.data import ensure_demo_assets
+    from pipeline.inputs.models import load_model
+    from pipeline.backend.tf import tensorflow
 
     tf = tensorflow()
     import keras

@@ -1,0 +1,1 @@
+"""What the user brings: image folders and .npz files, Keras/SavedModel/subclassed models (checked before loading), layer selection."""

@@ -1,0 +1,1 @@
+"""Is the classifier cheating? Counterfactual probes (colour, texture, shape) and their verdicts."""
