@@ -13,13 +13,15 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.maximize import plan, quality
+from pipeline.storage.catalog import Catalog
+from pipeline.storage.store import RunStore
 
 
 @pytest.fixture(scope="module")
 def tf():
-    from pipeline.maximize._tf import tf
+    from pipeline.backend.tf import tensorflow
 
-    return tf
+    return tensorflow()
 
 
 @pytest.fixture(scope="module")
@@ -333,12 +335,13 @@ def extracted_run(tmp_path, keras):
 
 
 def _run_stage(cfg):
-    from pipeline.stages.base import Context
+    """The maximize stage alone, its outputs written as the runner writes them (no manifest)."""
+    from pipeline.orchestration.runner import write_outputs
     from pipeline.stages import maximize
-    from pipeline.storage.store import RunStore
+    from pipeline.stages.base import Context
 
-    store = RunStore(cfg.out_dir)
-    return maximize.run(Context(cfg, store)), store
+    ctx = Context(cfg, RunStore(cfg.out_dir))
+    return write_outputs(ctx.catalog, maximize.run(ctx)), ctx.store
 
 
 def test_stage_writes_index_and_pngs_and_resumes(extracted_run):
@@ -351,7 +354,7 @@ def test_stage_writes_index_and_pngs_and_resumes(extracted_run):
     pd.DataFrame({"layer": ["conv_a", "conv_a"], "cluster": [0, -1], "size": [2, 1],
                   "centroid": [centroid, [1.0, 0, 0, 0, 0]]}).to_parquet(cfg.out_dir / "cluster_summary.parquet")
     summary, store = _run_stage(cfg)
-    index = store.read_table(maximize.INDEX)
+    index = Catalog(store).read("maximize")
     assert list(index.columns) == maximize.COLUMNS
     assert index["kind"].value_counts().to_dict() == {"unit": 2, "class": 3, "cluster": 1}  # noise cluster skipped
     assert summary["rendered"] == 6 and summary["reused"] == 0
@@ -367,7 +370,7 @@ def test_stage_writes_index_and_pngs_and_resumes(extracted_run):
 
     again, _ = _run_stage(cfg)  # nothing missing: nothing rendered, same table
     assert again["rendered"] == 0
-    pd.testing.assert_frame_equal(store.read_table(maximize.INDEX), index)
+    pd.testing.assert_frame_equal(Catalog(store).read("maximize"), index)
 
     more, _ = _run_stage(extracted_run(units="all"))  # three more units, the rest reused
     assert more["rendered"] == 3 and more["images"] == 9
@@ -388,5 +391,5 @@ def test_stage_time_budget_leaves_the_rest_for_a_rerun(extracted_run, capsys):
 def test_stage_definition():
     from pipeline.stages import maximize
 
-    assert maximize.STAGE.name == "maximize" and maximize.STAGE.outputs == ("maximize/index.parquet",)
+    assert maximize.STAGE.name == "maximize" and maximize.STAGE.outputs == ("maximize",)
     assert "extract" in maximize.STAGE.deps

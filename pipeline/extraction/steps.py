@@ -14,8 +14,8 @@ def begin(ctx, plan, size, channels):
     store.discard_partial(ZARR)
     ctx.log("extract: checking images…")
     dataset, skipped, classes = build_dataset(cfg.data, size, channels, cfg.seed)
-    store.write_table("dataset.parquet", dataset)
-    store.write_table("skipped.csv", skipped)
+    ctx.catalog.write("dataset", dataset)
+    ctx.catalog.write("skipped", skipped)
     if len(skipped):
         ctx.log(f"extract: {len(skipped)} input(s) skipped, reasons in {store.path('skipped.csv')}")
     # Kept with the progress: a resumed run does not list the images again, yet reports the classes.
@@ -26,7 +26,7 @@ def begin(ctx, plan, size, channels):
 
 def dataset_of(ctx):
     """The dataset table written by :func:`begin`; a one-line error when every input was skipped."""
-    dataset = ctx.store.read_table("dataset.parquet")
+    dataset = ctx.catalog.read("dataset")
     if len(dataset) == 0:
         raise UserError("no usable images: every input was skipped (see skipped.csv)")
     return dataset
@@ -42,5 +42,5 @@ def finish(ctx, root, progress, names, n):
     for layer, count in bad.items():
         ctx.log(f"warning: layer {layer} produced {count} NaN/Inf values (stored as they are; "
                 "later stages treat affected units as dead)")
-    return {"images": int(n), "skipped": int(len(store.read_table("skipped.csv"))),
+    return {"images": int(n), "skipped": int(len(ctx.catalog.read("skipped"))),
             "layers": names, "nonfinite": bad, "classes": progress["classes"]}

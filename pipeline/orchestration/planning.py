@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.storage.catalog import Catalog
+
 #: Calibration on the 2-core reference machine, fitted to the default runs of MobileNetV2 (160 px)
 #: and ResNet50 (224 px) on 2000 images (tests/benchmarks/bench_real_models.py): seconds per
 #: embedded point and method (t-SNE/UMAP), UMAP's one-off numba compilation, the act-max step's
@@ -352,9 +354,9 @@ def plan_run(cfg, stages, clusters_per_layer=None) -> Plan:
 
 def known_clusters(store):
     """Clusters per layer of a finished cluster stage (the maximize estimate uses them), or None."""
-    if not store.exists("cluster_summary.parquet"):
+    table = Catalog(store).read("cluster_summary")
+    if table is None:
         return None
-    table = store.read_table("cluster_summary.parquet")
     return table.groupby("layer").size().to_dict() if "layer" in table else None
 
 

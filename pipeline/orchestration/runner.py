@@ -16,7 +16,8 @@ from pipeline.config import Config, hash_json
 from pipeline.errors import UserError
 from pipeline.storage.rundir import MANIFEST, hold
 from pipeline.storage.store import RunStore
-from pipeline.stages.base import Context, Stage
+from pipeline.stages.base import Context, Outputs, Stage
+from pipeline.storage.catalog import Catalog, path as artifact_path
 
 
 class Runner:
@@ -77,9 +78,9 @@ class Runner:
         rec = manifest["stages"].get(stage.name)
         if not rec or rec.get("status") != "done":
             return "missing", "never finished" if not rec else f"last attempt {rec.get('status')}"
-        missing = [o for o in stage.outputs if not self.store.exists(o)]
+        missing = [o for o in stage.outputs if not Catalog(self.store).exists(o)]
         if missing:
-            return "missing", f"output {missing[0]} is missing"
+            return "missing", f"output {artifact_path(missing[0])} is missing"
         for dep in stage.deps:
             dep_status, _ = self.state(self.by_name[dep], manifest)
             if dep_status != "done":
@@ -158,7 +159,7 @@ class Runner:
         ctx = Context(self.cfg, self.store, self.debug)
         t0 = time.perf_counter()
         try:
-            summary = stage.run(ctx) or {}
+            summary = write_outputs(Catalog(self.store), stage.run(ctx))
         except BaseException as exc:
             manifest = self.manifest()
             manifest["stages"][stage.name]["status"] = "failed" if isinstance(exc, Exception) else "interrupted"
@@ -181,6 +182,19 @@ class Runner:
             status, reason = self.state(stage, manifest)
             lines.append(f"{stage.name:<9} {status:<8} {reason}")
         return lines
+
+
+def write_outputs(catalog, result) -> dict:
+    """Write what a stage's ``run`` returned (:class:`~pipeline.stages.base.Outputs`) through
+    ``catalog``; return the summary for the manifest (a plain dict result is the summary)."""
+    if not isinstance(result, Outputs):
+        return result or {}
+    for name, value in result.artifacts.items():
+        if value is None:
+            catalog.remove(name)
+        else:
+            catalog.write(name, value)
+    return result.summary
 
 
 def _partial(rec):

@@ -179,7 +179,7 @@ def _examples(site):
     data = site.data
     index = data.probe_examples
     grid = None
-    if data.run.store.exists("probes/examples.png"):
+    if data.run.catalog.exists("probe_images", "examples.png"):
         grid = site.assets.run_image("probes/examples.png", "examples", max_size=1024, folder="probe")
     strips = []
     if index is not None:

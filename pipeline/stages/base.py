@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.config import Config
+from pipeline.storage.catalog import Catalog
 from pipeline.storage.store import RunStore
 
 
@@ -25,9 +26,12 @@ class Stage:
     params : callable
         ``params(cfg) -> dict``: the config values that change the result.
     outputs : tuple of str
-        Run-directory paths that must exist once the stage is done.
+        Catalog names (:mod:`pipeline.storage.catalog`) of the artifacts that must exist once the
+        stage is done.
     run : callable
-        ``run(ctx) -> dict``: does the work through ``ctx.store``; returns a summary for the manifest.
+        ``run(ctx) -> Outputs | dict``: computes, and returns its tables and JSON for the runner to
+        write (:class:`Outputs`) with a summary for the manifest; stages that stream large results
+        (arrays, images) write them as they go through ``ctx.catalog`` and return the summary.
     inputs : callable
         ``inputs(cfg) -> dict``: hashes of external files the stage reads (model, dataset).
     version : str
@@ -59,3 +63,25 @@ class Context:
 
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    @property
+    def catalog(self) -> Catalog:
+        """The run directory's artifacts by name: the only way a stage reads or writes them."""
+        return Catalog(self.store)
+
+
+@dataclass
+class Outputs:
+    """What a stage returns: artifacts by catalog name, written by the runner, and its summary.
+
+    Attributes
+    ----------
+    artifacts : dict
+        ``{name: DataFrame | dict | None}``; ``None`` removes an artifact a previous run left
+        (e.g. a table that no longer applies).
+    summary : dict
+        Recorded in ``manifest.json`` under the stage.
+    """
+
+    artifacts: dict
+    summary: dict = field(default_factory=dict)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.arrays import chunker, layer_array, open_activations
 
 
@@ -85,7 +85,7 @@ def run(ctx):
     cfg, store = ctx.cfg, ctx.store
     blocks = _row_blocks(ctx)
     root, names, infos = open_activations(store)
-    dataset = store.read_table("dataset.parquet")
+    dataset = ctx.catalog.read("dataset")
     labels = dataset["label"].to_numpy()
     image_labels = labels if (labels >= 0).any() else None
     n = len(dataset)
@@ -125,11 +125,11 @@ def run(ctx):
     table = layer_table(figures, cka)
     for col in ("silhouette_k", "k_tried", "silhouette_curve"):
         table[col] = [figures[l][col] for l in table["layer"]]
-    store.write_table("clusters.parquet", pd.concat(unit_tables, ignore_index=True))
-    store.write_table("cluster_summary.parquet", pd.concat(cluster_tables, ignore_index=True))
-    store.write_table("layers.parquet", table)
-    return {"layers": len(names), "clusters": int(sum(len(t) for t in cluster_tables)),
-            "probe_accuracy": {l: _num(figures[l]["probe_accuracy"]) for l in names}}
+    return Outputs({"clusters": pd.concat(unit_tables, ignore_index=True),
+                    "cluster_summary": pd.concat(cluster_tables, ignore_index=True),
+                    "layers": table},
+                   {"layers": len(names), "clusters": int(sum(len(t) for t in cluster_tables)),
+                    "probe_accuracy": {l: _num(figures[l]["probe_accuracy"]) for l in names}})
 
 
 def _row_blocks(ctx):
@@ -149,4 +149,4 @@ def _num(x):
 
 
 STAGE = Stage(name="cluster", deps=("extract",), params=_params,
-              outputs=("clusters.parquet", "cluster_summary.parquet", "layers.parquet"), run=run, version="1")
+              outputs=("clusters", "cluster_summary", "layers"), run=run, version="1")

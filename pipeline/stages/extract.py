@@ -6,7 +6,7 @@ built from the same plan (:mod:`pipeline.extraction.plan`).
 """
 from __future__ import annotations
 
-from pipeline.extraction.plan import ZARR, extract_params, input_hashes
+from pipeline.extraction.plan import extract_params, input_hashes
 from pipeline.stages.base import Stage
 
 
@@ -21,4 +21,4 @@ def run(ctx):
 
 
 STAGE = Stage(name="extract", deps=(), params=extract_params, inputs=input_hashes,
-              outputs=("dataset.parquet", "skipped.csv", ZARR), run=run, version="1")
+              outputs=("dataset", "skipped", "activations"), run=run, version="1")

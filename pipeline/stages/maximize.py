@@ -39,12 +39,12 @@ import pandas as pd
 
 from pipeline.codeversion import code_version
 from pipeline.config import hash_json, parse_scale
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Outputs, Stage
+from pipeline.storage.arrays import open_activations, stored_array
+from pipeline.storage.catalog import path as artifact_path
 from pipeline.storage.hashing import file_hash
 
-ZARR = "activations.zarr"
-INDEX = "maximize/index.parquet"
-CLUSTERS = "cluster_summary.parquet"
+CLUSTERS = artifact_path("cluster_summary")
 COLUMNS = ["kind", "layer", "channel", "cluster", "class", "class_name", "seed", "activation", "dataset_max",
            "score", "z_score", "score_valid", "dataset_mean", "dataset_std", "reduction", "probability", "path",
            "params_hash"]
@@ -77,12 +77,10 @@ class _Group:
 
     @property
     def part(self):
-        return f"maximize/{self.name}.part.parquet"
+        return artifact_path("maximize_images", f"{self.name}.part.parquet")
 
 
 def run(ctx):
-    from pipeline.storage.arrays import open_activations
-
     cfg, store = ctx.cfg, ctx.store
     root, order, infos = open_activations(store)
     groups = _plan(ctx, root, order, infos)
@@ -90,8 +88,7 @@ def run(ctx):
     done, todo = _resume(store, groups, params_hash)
     rendered, missing = _render_all(ctx, groups, todo, done, params_hash)
     index = _index(groups, done, params_hash)
-    store.write_table(INDEX, index)
-    return _summary(ctx, index, rendered, missing)
+    return Outputs({"maximize": index}, _summary(ctx, index, rendered, missing))
 
 
 # -- planning --
@@ -112,21 +109,11 @@ def _plan(ctx, root, order, infos):
     return [g for g in groups if g.targets]
 
 
-def _layer_array(root, info, reduction):
-    """The stored per-image activation of a layer: ``mean`` for maps when present, else what exists."""
-    group = root[info["path"]]
-    keys = list(group.array_keys())
-    for key in ((reduction, "mean", "max") if info["kind"] == "map" else ("value",)):
-        if key in keys:
-            return group[key], key
-    return None, None
-
-
 def _layer_group(ctx, root, info, layer, clusters):
     from pipeline.maximize import plan, quality
 
     mx, seed = ctx.cfg.maximize, ctx.cfg.seed
-    array, reduction = _layer_array(root, info, "mean")
+    array, reduction = stored_array(root, info, "mean")
     if array is None:
         ctx.log(f"maximize: {layer}: no stored activations to score against; skipped")
         return _Group(info["path"], layer, [], None, None)
@@ -161,7 +148,7 @@ def _cluster_weights(root, info, rows, n_channels, reduction):
 
     if len(rows) == 0:
         return []
-    array, _ = _layer_array(root, info, reduction)
+    array, _ = stored_array(root, info, reduction)
     std = quality.column_stats(array).std
     safe = np.where(np.isfinite(std) & (std > 0), std, np.inf)
     out = []
@@ -172,10 +159,10 @@ def _cluster_weights(root, info, rows, n_channels, reduction):
 
 
 def _read_clusters(ctx):
-    if not ctx.store.exists(CLUSTERS):
+    table = ctx.catalog.read("cluster_summary")
+    if table is None:
         ctx.log(f"maximize: no {CLUSTERS} (cluster stage not run); no cluster images")
         return None
-    table = ctx.store.read_table(CLUSTERS)
     if not {"layer", "cluster", "centroid"} <= set(table.columns):
         ctx.log(f"maximize: {CLUSTERS} has no centroid column; no cluster images")
         return None
@@ -195,12 +182,10 @@ def _output_names(ctx, n_outputs):
     """``{output: class name}`` when output ``k`` is class ``k``; else empty (images stay "output k")."""
     from pipeline.shortcuts.verdicts import read_classes
 
-    if not ctx.store.exists("dataset.parquet"):
+    ds = ctx.catalog.read("dataset")
+    if ds is None or not {"label", "class_name"} <= set(ds.columns):
         return {}
-    ds = ctx.store.read_table("dataset.parquet")
-    if not {"label", "class_name"} <= set(ds.columns):
-        return {}
-    classes = read_classes(ds, ctx.store.read_json("manifest.json", default={}))
+    classes = read_classes(ds, ctx.catalog.read("manifest", default={}))
     why = classes.mismatch(n_outputs)
     if why:
         ctx.log(f"maximize: class images are named by output number: {why}")
@@ -433,4 +418,4 @@ def _round(x):
 
 
 STAGE = Stage(name="maximize", deps=("extract", "cluster"), params=_params,
-              outputs=(INDEX,), run=run, version="1")
+              outputs=("maximize",), run=run, version="1")

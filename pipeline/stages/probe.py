@@ -32,10 +32,11 @@ import io
 import numpy as np
 import pandas as pd
 
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Outputs, Stage
+from pipeline.storage.catalog import path as artifact_path
 from pipeline.storage.hashing import file_hash
 
-OUTPUTS = ("bias.parquet", "bias_verdicts.parquet", "probe_units.parquet", "probes")
+OUTPUTS = ("bias", "bias_verdicts", "probe_units", "probe_images")
 
 
 def _params(cfg):
@@ -84,8 +85,8 @@ def run(ctx):
     from pipeline.shortcuts import verdicts as bias
     from pipeline.shortcuts.probes import make_probes
 
-    cfg, store = ctx.cfg, ctx.store
-    dataset = store.read_table("dataset.parquet")
+    cfg, catalog = ctx.cfg, ctx.catalog
+    dataset = catalog.read("dataset")
     rows = sample_rows(dataset["label"].to_numpy(), cfg.probe.max_images, cfg.seed)
     model, names, kinds, size, channels = _model(ctx)
     probes = make_probes(cfg.probe)
@@ -98,10 +99,10 @@ def run(ctx):
 
     logits, probed, units, examples = _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, active)
     groups = {p.name: p.group for p in probes}
-    store.write_table("probe_units.parquet", units.table(groups))
+    unit_table = units.table(groups)
 
     labels = dataset["label"].to_numpy()[rows]
-    classes = bias.read_classes(dataset, store.read_json("manifest.json", default={}))
+    classes = bias.read_classes(dataset, catalog.read("manifest", default={}))
     why_not = class_support(labels, logits.shape[1], classes)
     summary = {"images": int(len(rows)), "probes": [p.name for p in active],
                "not_applicable": sorted(skipped)}
@@ -112,22 +113,18 @@ def run(ctx):
     else:
         table, verdicts = _class_tables(ctx, classes, labels, logits, probed, groups, skipped)
         summary["verdicts"] = {r["class_name"]: r["verdict"] for r in verdicts.to_dict("records")}
-    store.write_table("bias.parquet", table)
-    store.write_table("bias_verdicts.parquet", verdicts)
-    if store.exists("clusters.parquet"):
-        store.write_table("probe_clusters.parquet",
-                          bias.cluster_sensitivity(store.read_table("probe_units.parquet"),
-                                                   store.read_table("clusters.parquet")))
+    clusters = catalog.read("clusters")
+    by_cluster = None  # removes a table an earlier run joined with clusters that are gone now
+    if clusters is not None:
+        by_cluster = bias.cluster_sensitivity(unit_table, clusters)
         # Which neuron clusters were joined: the report can tell whether they are still current.
-        cluster_stage = (store.read_json("manifest.json", default={}) or {}).get("stages", {}).get("cluster", {})
-        summary["clusters_fingerprint"] = cluster_stage.get("fingerprint")
-    else:
-        store.remove("probe_clusters.parquet")
-    _write_examples(store, examples, active, channels)
+        summary["clusters_fingerprint"] = catalog.stage_record("cluster").get("fingerprint")
     for r in verdicts.to_dict("records"):
         ctx.log(f"probe: {r['class_name']}: {r['verdict']} "
                 f"(effect {r['effect_size']:.2f} [{r['effect_ci_low']:.2f}, {r['effect_ci_high']:.2f}])")
-    return summary
+    return Outputs({"probe_units": unit_table, "bias": table, "bias_verdicts": verdicts,
+                    "probe_clusters": by_cluster, "probe_images": _example_files(examples, active, channels)},
+                   summary)
 
 
 def _model(ctx):
@@ -210,8 +207,8 @@ def _example_rows(labels, k) -> list:
     return sorted(order)
 
 
-def _write_examples(store, shown, probes, channels, cell=96):
-    """``probes/examples.png`` (grid), ``probes/<probe>.png`` (strips), ``probes/index.parquet``."""
+def _example_files(shown, probes, channels, cell=96) -> dict:
+    """The ``probes/`` folder: ``examples.png`` (grid), ``<probe>.png`` (strips), ``index.parquet``."""
     from PIL import Image
 
     def strip(images):
@@ -223,21 +220,21 @@ def _write_examples(store, shown, probes, channels, cell=96):
         Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
         return buf.getvalue()
 
-    folder = store.partial_dir("probes")
     columns = ["original", *[p.name for p in probes]]
-    entries = []
+    files, entries = {}, []
     if shown["original"]:
         grid = np.concatenate([strip([shown[c][i] for c in columns]) for i in range(len(shown["original"]))], axis=0)
-        (folder / "examples.png").write_bytes(png(grid))
+        files["examples.png"] = png(grid)
         for c in columns:
-            (folder / f"{c}.png").write_bytes(png(strip(shown[c])))
+            files[f"{c}.png"] = png(strip(shown[c]))
         descriptions = {p.name: (p.group, p.description) for p in probes}
         entries = [{"probe": c, "group": descriptions.get(c, ("", ""))[0],
                     "description": descriptions.get(c, ("", "the images as analysed"))[1],
-                    "path": f"probes/{c}.png"} for c in columns]
-    pd.DataFrame(entries, columns=["probe", "group", "description", "path"]).to_parquet(folder / "index.parquet",
-                                                                                        index=False)
-    store.publish_dir("probes")
+                    "path": artifact_path("probe_images", f"{c}.png")} for c in columns]
+    index = io.BytesIO()
+    pd.DataFrame(entries, columns=["probe", "group", "description", "path"]).to_parquet(index, index=False)
+    files["index.parquet"] = index.getvalue()
+    return files
 
 
 def _upscale(image, cell):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.hashing import file_hash
 
 REPORT_PACKAGE = Path(__file__).resolve().parent.parent / "report"
@@ -33,13 +33,12 @@ def run(ctx):
         ctx.log(f"report: {note}")
     summary = {"path": str(out.resolve()), "index": str(result.index.resolve()), "pages": result.pages,
                "thumbnails": result.images, "bytes": result.bytes}
-    ctx.store.write_json("report.json", summary)
     ctx.log(f"report: {result.index.resolve()}")
-    return summary
+    return Outputs({"report_summary": summary}, summary)
 
 
 # Extract and cluster are required; embed, probe and maximize are shown when present, and a rerun of
 # any of them makes the report stale.
 STAGE = Stage(name="report", deps=("extract", "cluster"),
               optional=("embed", "probe", "maximize"), params=_params, inputs=_inputs,
-              outputs=("report.json",), run=run, version="1")
+              outputs=("report_summary",), run=run, version="1")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-ZARR = "activations.zarr"
+from pipeline.storage.catalog import path
+
+ZARR = path("activations")
 
 
 def open_activations(store):
@@ -14,10 +16,27 @@ def open_activations(store):
     return root, list(root.attrs["layer_order"]), dict(root.attrs["layers"])
 
 
+def array_key(info, reduction="mean") -> str:
+    """Key of a layer's array in the store: ``<group>/<reduction>``; a vector layer's one array is
+    ``<group>/value`` whichever of ``mean``/``max`` is asked for."""
+    key = "value" if info["kind"] == "vector" and reduction in ("mean", "max") else reduction
+    return f"{info['path']}/{key}"
+
+
 def layer_array(root, info, reduction="mean"):
     """The ``(N, C)`` array of one layer (vector layers have one array whatever the reduction)."""
-    key = "value" if info["kind"] == "vector" else reduction
-    return root[f"{info['path']}/{key}"]
+    return root[array_key(info, reduction)]
+
+
+def stored_array(root, info, reduction="mean"):
+    """``(array, key)`` of a layer: ``reduction`` for maps when stored, else ``mean``, else ``max``
+    (vector layers: their one array); ``(None, None)`` when the layer has none."""
+    group = root[info["path"]]
+    keys = list(group.array_keys())
+    for key in ((reduction, "mean", "max") if info["kind"] == "map" else ("value",)):
+        if key in keys:
+            return group[key], key
+    return None, None
 
 
 def chunker(arrays, rows=4096):

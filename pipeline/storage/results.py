@@ -7,22 +7,10 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.errors import UserError
+from pipeline.storage.arrays import array_key
+from pipeline.storage.catalog import TABLES, Catalog
 from pipeline.storage.store import RunStore
 
-TABLES = {
-    "dataset": "dataset.parquet",
-    "skipped": "skipped.csv",
-    "clusters": "clusters.parquet",
-    "cluster_summary": "cluster_summary.parquet",
-    "layers": "layers.parquet",
-    "image_embeddings": "embeddings/images.parquet",
-    "neuron_embeddings": "embeddings/neurons.parquet",
-    "embedding_quality": "embeddings/quality.parquet",
-    "maximize": "maximize/index.parquet",
-    "bias": "bias.parquet",
-    "bias_verdicts": "bias_verdicts.parquet",
-    "probe_units": "probe_units.parquet",
-}
 
 
 class Run:
@@ -40,28 +28,26 @@ class Run:
 
     def __init__(self, path):
         self.store = RunStore(path)
+        self.catalog = Catalog(self.store)
         self.path = Path(path)
-        if not self.store.exists("manifest.json"):
+        if not self.catalog.exists("manifest"):
             raise UserError(f"{path} is not a run directory (no manifest.json)")
 
     def __getattr__(self, name):
         if name in TABLES:
-            file = TABLES[name]
-            value = self.store.read_table(file) if self.store.exists(file) else None
+            value = self.catalog.read(name)
             self.__dict__[name] = value
             return value
         raise AttributeError(name)
 
     @cached_property
     def manifest(self) -> dict:
-        return self.store.read_json("manifest.json")
+        return self.catalog.read("manifest")
 
     @cached_property
     def arrays(self):
         """The ``activations.zarr`` root group (lazy)."""
-        if not self.store.exists("activations.zarr"):
-            raise UserError(f"{self.path} has no activations yet: run the extract stage")
-        return self.store.open_zarr("activations.zarr")
+        return self.catalog.require("activations")
 
     @property
     def layers_info(self) -> dict:
@@ -83,9 +69,8 @@ class Run:
         info = self.layers_info.get(layer)
         if info is None:
             raise UserError(f"layer '{layer}' was not extracted (extracted: {', '.join(self.layer_names)})")
-        key = "value" if info["kind"] == "vector" and reduction in ("mean", "max") else reduction
         try:
-            return self.arrays[f"{info['path']}/{key}"]
+            return self.arrays[array_key(info, reduction)]
         except KeyError:
             raise UserError(f"layer '{layer}' has no '{reduction}' array") from None
 

@@ -22,8 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.errors import UserError
+from pipeline.storage.catalog import path as artifact_path
 
-MANIFEST = "manifest.json"
+MANIFEST = artifact_path("manifest")
 LOCK = ".pipeline.lock"
 _HELD: dict = {}  # resolved run directory -> nesting depth in this process (flock is per open file)
 

@@ -136,7 +136,7 @@ class RunStore:
         else:
             p.unlink(missing_ok=True)
 
-    def open_zarr(self, name="activations.zarr", mode="r"):
+    def open_zarr(self, name, mode="r"):
         import zarr
 
         return zarr.open_group(str(self.path(name)), mode=mode)
