@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from pipeline.backend.tf import set_env
 from pipeline.errors import UserError
 
 STAGE_NAMES = ("extract", "embed", "cluster", "probe", "maximize", "report")
@@ -256,8 +256,7 @@ COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "layers": cm
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    set_env()  # TensorFlow's environment, before any command (or a library like umap) imports it
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
     args = _parser().parse_args([a for a in argv if a != "--debug"])

@@ -4,12 +4,25 @@ TensorFlow's C++ runtime prints start-up chatter to file descriptor 2 (CUDA prob
 notices) that no Python logging setting reaches; users read our one-line messages on stderr, so
 the chatter is sent to /dev/null while TensorFlow starts and probes devices. Real import errors
 still raise.
+
+This module is also the one place that sets TensorFlow's environment (:data:`TF_ENV`, through
+:func:`set_env`) before TensorFlow is imported; Dask workers get the same variables.
 """
 from __future__ import annotations
 
 import os
 import sys
 from contextlib import contextmanager
+
+# Read by TensorFlow when it is imported, so set before: oneDNN's gradient of strided 1x1
+# convolutions can crash on CPU (DESIGN.md, "Lessons"); the C++ start-up log is chatter.
+TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def set_env() -> None:
+    """Set :data:`TF_ENV` in this process's environment, keeping values the user set."""
+    for name, value in TF_ENV.items():
+        os.environ.setdefault(name, value)
 
 
 @contextmanager
@@ -33,9 +46,7 @@ def tensorflow():
     """Return the ``tensorflow`` module, imported with oneDNN off and start-up noise hidden."""
     if "tensorflow" in sys.modules and "keras" in sys.modules:
         return sys.modules["tensorflow"]
-    # oneDNN's gradient of strided 1x1 convolutions can crash on CPU (see DESIGN.md).
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    set_env()
     with _quiet_fd2():
         import tensorflow as tf
         import keras  # noqa: F401  (its import also touches the backend)

@@ -255,11 +255,9 @@ def _make_factors_and_images(n, seed, shortcut, size, carrier="colour"):
 
 
 def _keras():
-    # The demo takes gradients: oneDNN's CPU kernels have crashed on some conv gradients
-    # (see DESIGN.md), and the flag only works if set before TensorFlow is first imported.
     from pipeline.backend.tf import tensorflow
 
-    tensorflow()  # sets TF_ENABLE_ONEDNN_OPTS=0 before the first import, hides start-up noise
+    tensorflow()  # with its environment set first (the demo takes gradients: DESIGN.md on oneDNN)
     import keras
 
     return keras

@@ -30,8 +30,10 @@ from collections import deque
 
 import numpy as np
 
+from pipeline.backend.tf import TF_ENV
+
 #: Set in every worker process before TensorFlow can be imported (see DESIGN.md on oneDNN).
-WORKER_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+WORKER_ENV = dict(TF_ENV)
 
 #: Rows per block of the statistics passes: the local engine's chunk size (``chunker``), so the
 #: partial results are the ones the local engine accumulates.

@@ -155,7 +155,7 @@ def choose(model, spec):
     list of (str, str)
         ``(name, reason)`` in model order.
     """
-    from pipeline.backend.kerasgraph import model_edges
+    from pipeline.backend.keras_internals import model_edges
 
     if spec == "auto":
         picks = auto_layers(model.layers, model_edges(model))
@@ -189,7 +189,7 @@ def select_layers(infos, spec, edges=None) -> list[str]:
     spec : "auto", "all" or list of str
         ``auto``: see :func:`auto_layers`; ``all``: every analysable layer.
     edges : list of (str, str), optional
-        The model graph (:func:`pipeline.backend.kerasgraph.model_edges`), used by ``auto``.
+        The model graph (:func:`pipeline.backend.keras_internals.model_edges`), used by ``auto``.
 
     Raises
     ------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.backend.tf_internals import is_registered_op, saved_model_proto
 from pipeline.errors import UnsafeModelError, UserError
 
 # PrintV2 ``output_stream`` values that do not name a file.
@@ -116,21 +117,18 @@ def read_saved_model(path):
 
     Returns
     -------
-    tensorflow.core.protobuf.saved_model_pb2.SavedModel
+    SavedModel protocol buffer
+        From :func:`pipeline.backend.tf_internals.saved_model_proto`.
 
     Raises
     ------
     UserError
         No graph file, or one that does not parse.
     """
-    from pipeline.backend.tf import tensorflow
-
-    tensorflow()
+    proto = saved_model_proto()  # imports TensorFlow (quietly) and its protobuf classes
     from google.protobuf import message, text_format
-    from tensorflow.core.protobuf import saved_model_pb2
 
     folder = Path(path)
-    proto = saved_model_pb2.SavedModel()
     # Same precedence as TensorFlow's loader_impl.parse_saved_model: check the file it will load.
     try:
         if (folder / "saved_model.pb").is_file():
@@ -232,7 +230,7 @@ def _problem(node, where, library):
         stream = node.attr["output_stream"].s if "output_stream" in node.attr else b""
         stream = stream.decode("utf-8", "replace") or "stderr"
         return None if stream in STREAMS else f"PrintV2 to {printable(stream)}"
-    op = printable(node.op) + ("" if _registered(node.op) else " (not a TensorFlow op)")
+    op = printable(node.op) + ("" if is_registered_op(node.op) else " (not a TensorFlow op)")
     return f"{op} in {printable(where)}"
 
 
@@ -253,12 +251,6 @@ def printable(text, limit=80) -> str:
     """
     shown = repr(str(text))[1:-1]
     return shown if len(shown) <= limit else shown[:limit - 1] + "…"
-
-
-def _registered(op) -> bool:
-    from tensorflow.python.framework import op_def_registry
-
-    return op_def_registry.get(op) is not None
 
 
 # ------------------------------------------------------------------- the saver sub-graph

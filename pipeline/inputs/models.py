@@ -8,20 +8,19 @@ and loaded by :mod:`pipeline.inputs.savedmodel`.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import importlib
 import json
-import re
 import sys
 import zipfile
 from pathlib import Path
 
+from pipeline.backend.keras_internals import fresh_layer_names, functional, producer, run_graph, takes_training
+from pipeline.backend.versions import release
 from pipeline.errors import UnsafeModelError, UserError
 from pipeline.inputs.graphscan import check_saved_model, printable
 from pipeline.inputs.logits import without_softmax
 from pipeline.inputs.modelinfo import LayerInfo, analysable_shape
-from pipeline.backend.kerasgraph import functional
 
 # Markers Keras writes without a module for plain values (tensors' shapes, tuples, bytes...).
 _VALUE_MARKERS = frozenset({"__keras_tensor__", "__tuple__", "__bytes__", "__slice__", "__ellipsis__",
@@ -201,22 +200,12 @@ def check_keras_version(installed=None) -> None:
             installed = metadata.version("keras")
         except metadata.PackageNotFoundError:
             return  # loading will fail with its own message
-    if _version_tuple(installed) < SAFE_KERAS:
+    if release(installed) < SAFE_KERAS:
         wanted = ".".join(map(str, SAFE_KERAS))
         raise UserError(
             f"Keras {installed} has known safe_mode bypasses (CVE-2025-1550, CVE-2025-12060, "
             f"CVE-2026-1462): upgrade Keras (pip install 'keras>={wanted}') or pass --trust-model "
             "if you trust this model")
-
-
-def _version_tuple(version) -> tuple:
-    try:
-        from packaging.version import Version
-
-        return Version(version).release
-    except (ImportError, ValueError):  # no packaging, or not PEP 440: take the leading numbers
-        pass
-    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def load_model(path, trust_model: bool = False):
@@ -251,7 +240,10 @@ def load_model(path, trust_model: bool = False):
         # Lambda layers in .keras files need unsafe deserialisation to be enabled globally.
         keras.config.enable_unsafe_deserialization()
         _import_custom_modules(read_keras_config(path))
-        layer_names = _fresh_layer_names()
+        # A subclassed model is rebuilt by running its __init__: layers created without a name get
+        # conv2d, conv2d_1... from a per-process counter, so without fresh counters their addresses
+        # would depend on what the process loaded before (extract and maximize would disagree).
+        layer_names = fresh_layer_names()
     try:
         with layer_names:
             model = keras.models.load_model(path, compile=False, safe_mode=not trust_model)
@@ -278,29 +270,6 @@ def _import_custom_modules(config) -> None:
             raise UserError(f"cannot import module '{module}' that the model's custom objects come from "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                             "put it on PYTHONPATH") from None
-
-
-@contextlib.contextmanager
-def _fresh_layer_names():
-    """Load with Keras' automatic layer-name counters at zero, then put the old ones back.
-
-    A subclassed model is rebuilt by running its ``__init__``, so layers created without a
-    ``name`` get ``conv2d``, ``conv2d_1``… from a per-process counter: without this, their
-    addresses would depend on what the process loaded before (the extract and maximize stages of
-    one run would disagree). Private Keras state; when it is not where expected, nothing changes.
-    """
-    try:
-        from keras.src.backend.common import global_state
-        get, put = global_state.get_global_attribute, global_state.set_global_attribute
-    except (ImportError, AttributeError):
-        yield
-        return
-    saved = get("object_name_uids")
-    put("object_name_uids", collections.defaultdict(int))
-    try:
-        yield
-    finally:
-        put("object_name_uids", saved)
 
 
 class KerasModel:
@@ -348,7 +317,8 @@ class KerasModel:
         if self._taps is not None:
             return self._taps.build_extractor(layer_names)
         wanted = set(layer_names)
-        out_layer = _output_layer(self.model)
+        outputs = getattr(self.model, "outputs", None)
+        out_layer = producer(outputs[0]) if outputs else None  # its softmax is left out of the logits
         model = self.model
 
         def extract(x):
@@ -359,15 +329,6 @@ class KerasModel:
             return [taps[n] for n in layer_names], logits
 
         return extract
-
-
-def _output_layer(model):
-    """The layer producing the (first) model output, if the graph is known."""
-    try:
-        history = model.outputs[0]._keras_history
-        return history.operation
-    except (AttributeError, IndexError, TypeError):
-        return None
 
 
 def _tapped_call(model, x, wanted, prefix, taps, pre_softmax=None):
@@ -382,7 +343,7 @@ def _tapped_call(model, x, wanted, prefix, taps, pre_softmax=None):
     def operation_fn(op):
         def call(*args, **kwargs):
             name = prefix + op.name
-            if "training" in getattr(op, "_call_context_args", {"training"}):
+            if takes_training(op):
                 kwargs["training"] = False
             if functional(op) is not None and any(w.startswith(name + "/") for w in wanted):
                 y = _tapped_call(op, args[0], wanted, name + "/", taps)
@@ -398,8 +359,7 @@ def _tapped_call(model, x, wanted, prefix, taps, pre_softmax=None):
 
         return call
 
-    inputs = graph._standardize_inputs(x)
-    outputs = graph._run_through_graph(inputs, operation_fn=operation_fn)
+    outputs = run_graph(graph, x, operation_fn)
     return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
 

@@ -62,6 +62,7 @@ import os
 import re
 from collections import defaultdict
 
+from pipeline.backend.tf_internals import captures, frozen_graph_def, tracked_variables
 from pipeline.errors import UserError
 from pipeline.inputs.graphscan import check_saved_model, closure
 from pipeline.inputs.modelinfo import LayerInfo, analysable_shape
@@ -243,28 +244,12 @@ def _check_input(signature, path):
 
 def _freeze(signature):
     """Frozen, inlined GraphDef and the names of its input and output tensors."""
-    graph_def = _frozen_graph_def(signature, aggressive_inlining=False)
+    graph_def = frozen_graph_def(signature, aggressive_inlining=False)
     if any(_WRAPPER.match(n.op) for n in graph_def.node):  # some call was not inlined
-        graph_def = _frozen_graph_def(signature, aggressive_inlining=True)
+        graph_def = frozen_graph_def(signature, aggressive_inlining=True)
     # Variables and other captures come after the signature's own inputs; outputs are in
     # flattened structure order, i.e. sorted by key (``output_0`` first) for a signature.
     return graph_def, signature.inputs[0].name, [t.name for t in signature.outputs]
-
-
-def _frozen_graph_def(signature, aggressive_inlining):
-    """``convert_variables_to_constants_v2`` without building the function we do not use."""
-    from tensorflow.python.framework import convert_to_constants as c2c
-
-    try:  # half the cost of convert_variables_to_constants_v2 is wrapping its result
-        data = c2c._FunctionConverterDataInEager(
-            func=signature, lower_control_flow=True, aggressive_inlining=aggressive_inlining
-        )
-        return c2c._replace_variables_by_constants(converter_data=data)[0]
-    except AttributeError:  # the private helpers moved: take the public, slower way
-        frozen = c2c.convert_variables_to_constants_v2(
-            signature, aggressive_inlining=aggressive_inlining
-        )
-        return frozen.graph.as_graph_def()
 
 
 def _import(graph_def):
@@ -277,31 +262,12 @@ def _import(graph_def):
 
 def _capture_variable_names(loaded, signature):
     """``{constant name in the frozen graph: variable name}`` for the captured variables."""
-    by_handle = {id(v.handle): v.name for v in _variables(loaded)}
+    by_handle = {id(v.handle): v.name for v in tracked_variables(loaded)}
     names = {}
-    for external, internal in signature.graph.captures:
+    for external, internal in captures(signature):
         if id(external) in by_handle:
             names[internal.op.name] = by_handle[id(external)]
     return names
-
-
-def _variables(root):
-    import tensorflow as tf
-
-    seen, found, stack = set(), [], [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, tf.Variable):
-            found.append(obj)
-            continue
-        try:
-            stack.extend(obj._trackable_children().values())
-        except Exception:  # not a trackable, or one that cannot list its children
-            continue
-    return found
 
 
 # --------------------------------------------------------------------------- graph analysis

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from pipeline.backend.keras_internals import tracked_layers
 from pipeline.errors import UserError
 from pipeline.inputs.modelinfo import LayerInfo, analysable_shape
 
@@ -48,7 +49,7 @@ def sublayers(model) -> dict:
 
     def walk(layer, prefix):
         taken = set()
-        for child in _children(layer):
+        for child in tracked_layers(layer):
             if id(child) in seen:
                 continue
             seen.add(id(child))
@@ -58,14 +59,6 @@ def sublayers(model) -> dict:
 
     walk(model, "")
     return found
-
-
-def _children(layer):
-    """The layers tracked directly under ``layer`` (Keras keeps them in ``_layers``)."""
-    flatten = getattr(layer, "_flatten_layers", None)
-    if flatten is not None:
-        return flatten(include_self=False, recursive=False)
-    return list(getattr(layer, "_layers", ()))
 
 
 def _unique(name, taken):

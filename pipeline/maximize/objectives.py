@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import numbers
 
-from pipeline.maximize._tf import tf
+from pipeline.backend.tf import tensorflow
+
+tf = tensorflow()
 
 #: Key of the model's pre-softmax outputs in ``acts`` (not a valid name for a Keras layer input).
 LOGITS = "<logits>"

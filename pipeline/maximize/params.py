@@ -26,7 +26,9 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.maximize._tf import tf
+from pipeline.backend.tf import tensorflow
+
+tf = tensorflow()
 
 #: Square root of the colour correlation of natural images (Lucid, from ImageNet).
 COLOR_CORRELATION_SVD_SQRT = np.asarray([[0.26, 0.09, 0.02],

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.backend.tf import tensorflow
+from pipeline.backend.tf_internals import gradient_override
 from pipeline.maximize import params as params_mod
 from pipeline.maximize import transforms as tr
-from pipeline.maximize._tf import tf
 from pipeline.maximize.objectives import LOGITS, Objective
-from tensorflow.python.framework import ops as tf_ops  # noqa: E402  (gradient registry, see _redirected_relu)
+
+tf = tensorflow()
 
 ADAM_BETA1, ADAM_BETA2, ADAM_EPS = 0.9, 0.999, 1e-8
 
@@ -175,7 +177,7 @@ class Renderer:
                 images = self.transform(self.param(raw), uniforms[i])
                 values = evaluate(images)
                 total = tf.reduce_sum(values)
-            with _redirected_relu(self.relu_redirect):
+            with _relu_gradient(self.relu_redirect):
                 grad = tape.gradient(total, raw, unconnected_gradients="zero")
             t = tf.cast(i + 1, tf.float32)
             m = ADAM_BETA1 * m + (1 - ADAM_BETA1) * grad
@@ -213,24 +215,10 @@ def _redirected_relu_grad(op, grad):
     return tf.where(passes, relu_grad, redirected)
 
 
-@contextlib.contextmanager
-def _redirected_relu(enabled=True):
-    """While the backward graph is traced, use :func:`_redirected_relu_grad` for ``Relu`` ops.
-
-    TensorFlow 2 has no public way to override a built-in op's gradient inside a tape, so the
-    gradient registry entry is swapped for the duration of ``tape.gradient`` (trace time only)
-    and restored afterwards. If the registry is not where expected, nothing is changed.
-    """
-    registry = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
-    if not enabled or not isinstance(registry, dict) or "Relu" not in registry:
-        yield
-        return
-    original = registry["Relu"]
-    registry["Relu"] = dict(original, type=_redirected_relu_grad)
-    try:
-        yield
-    finally:
-        registry["Relu"] = original
+def _relu_gradient(redirect):
+    """While ``tape.gradient`` traces the backward graph: :func:`_redirected_relu_grad` for ``Relu``
+    ops when ``redirect`` (unchanged when TensorFlow's gradient registry is not where expected)."""
+    return gradient_override("Relu", _redirected_relu_grad) if redirect else contextlib.nullcontext()
 
 
 def _rounded(images):

@@ -25,7 +25,9 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline.maximize._tf import tf
+from pipeline.backend.tf import tensorflow
+
+tf = tensorflow()
 
 
 @dataclass(frozen=True)

@@ -8,14 +8,21 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.report.names import slug
 
 EXPORT_MARKER = ".pipeline-export"  # marks a folder this command wrote, so a rerun may overwrite it
 SPRITE_MAX = 8192  # TensorBoard refuses sprite sheets larger than this many pixels a side
 
 
-def slug(name: str) -> str:
-    """A file-name-safe version of a layer name (nested names contain '/')."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "layer"
+# A layer name used as a folder name as it is: lower case (no clash on case-insensitive file
+# systems), no separator, not hidden, short.
+_PLAIN = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def folder_name(layer: str) -> str:
+    """The default Projector folder of ``layer``: its name when that is a plain file name, else its
+    collision-free :func:`pipeline.report.names.slug` (``outer/inner`` -> ``outer-inner-1a2b3c4d``)."""
+    return layer if _PLAIN.fullmatch(layer) else slug(layer)
 
 
 def sprite_sheet(thumbnails: np.ndarray) -> tuple[np.ndarray, int]:
@@ -79,7 +86,7 @@ def export_projector(run_dir, layer, out=None, reduction="mean") -> Path:
     run = Run(run_dir)
     vectors = run.activations(layer, reduction)[:]
     thumbs = run.arrays["thumbnails"][:] if "thumbnails" in run.arrays else None
-    folder = Path(out) if out else run.path / "projector" / slug(layer)
+    folder = Path(out) if out else run.path / "projector" / folder_name(layer)
     _check_export_folder(folder)
     files = {**projector_files(vectors, run.dataset, thumbs), EXPORT_MARKER: b"written by python -m pipeline export\n"}
     with hold(run.path):

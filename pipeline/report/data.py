@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.shortcuts.verdicts import read_classes
+from pipeline.shortcuts.verdicts import read_classes, softmax
 from pipeline.errors import UserError
 
 STAGE_ORDER = ("extract", "embed", "cluster", "maximize", "probe", "report")
@@ -153,13 +153,6 @@ def load_report_data(run_dir, title=None) -> ReportData:
             setattr(data, attr, run.store.read_table(file))
     data.predictions = predictions(run, labels, classes)
     return data
-
-
-def softmax(logits):
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def predictions(run, labels, classes, rows=8192) -> Predictions | None:

@@ -3,7 +3,8 @@
 Layer and class names come from the user's model and folders: they may contain ``/`` (nested
 layers ``outer/inner``), spaces, markup or non-ASCII. A file name is a short ASCII slug for
 people plus a hash of the exact name, so two names never share a file, even on case-insensitive
-file systems or after the slug is cut short.
+file systems or after the slug is cut short. The Projector export names its folders with the
+same :func:`slug` (:func:`pipeline.orchestration.export.folder_name`).
 """
 from __future__ import annotations
 

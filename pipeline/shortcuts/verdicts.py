@@ -130,6 +130,7 @@ class Interval:
 
 
 def softmax(logits) -> np.ndarray:
+    """Probabilities over the last axis, in float64 (also the report's predictions)."""
     z = np.asarray(logits, dtype=np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
