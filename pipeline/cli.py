@@ -6,9 +6,10 @@ import sys
 from pathlib import Path
 
 from pipeline.backend.tf import set_env
+from pipeline.config import STAGES
 from pipeline.errors import UserError
 
-STAGE_NAMES = ("extract", "embed", "cluster", "probe", "maximize", "report")
+STAGE_NAMES = STAGES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,9 +99,10 @@ def _config_from(args):
     if target:
         path = Path(target)
         if path.is_dir():
+            from pipeline.storage.catalog import Catalog
             from pipeline.storage.store import RunStore
 
-            manifest = RunStore(path).read_json("manifest.json")
+            manifest = Catalog(RunStore(path)).read("manifest")
             if not manifest or "config" not in manifest:
                 raise UserError(f"{path} is not a run directory (no manifest.json)")
             raw = dict(manifest["config"])

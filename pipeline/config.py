@@ -169,11 +169,6 @@ class Config(_Section):
     def report_dir(self) -> Path:
         return Path(self.report.out) if self.report.out else Path("reports") / self.name
 
-    def section_hash(self, *keys: str) -> str:
-        """Hash of the named top-level sections, so a stage reruns only when its own parameters change."""
-        dumped = self.model_dump(mode="json")
-        return hash_json({k: dumped[k] for k in keys})
-
 
 def hash_json(obj) -> str:
     """Stable short hash of a JSON-serialisable object."""

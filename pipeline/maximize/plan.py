@@ -26,6 +26,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.extraction.forward import layer_path
+from pipeline.storage.catalog import path as artifact_path
 
 #: ``layer`` value, folder and objective of class images (the model's pre-softmax outputs).
 CLASSES = "logits"
@@ -126,7 +127,7 @@ def image_seed(seed, kind, layer, index) -> int:
 
 def folder(layer, kind="unit") -> str:
     """Run-directory folder of a layer's images (classes: ``maximize/logits``)."""
-    return f"maximize/{CLASSES if kind == 'class' else layer_path(layer)}"
+    return artifact_path("maximize_images", CLASSES if kind == "class" else layer_path(layer))
 
 
 def _one_hot(i, n):

@@ -11,15 +11,16 @@ import numpy as np
 import pandas as pd
 
 from pipeline.shortcuts.verdicts import read_classes, softmax
+from pipeline.config import STAGES
 from pipeline.errors import UserError
 
-STAGE_ORDER = ("extract", "embed", "cluster", "maximize", "probe", "report")
-OPTIONAL = {  # attribute -> run-directory file read directly (not in pipeline.storage.results.TABLES)
-    "quality": "embeddings/quality.parquet",
-    "bias": "bias.parquet",                     # the shortcut finder (probe stage), per class x probe
-    "bias_verdicts": "bias_verdicts.parquet",   # ... and its verdict per class
-    "probe_units": "probe_units.parquet",       # ... each unit's sensitivity to each probe
-    "probe_examples": "probes/index.parquet",   # ... and its example images, one strip per probe
+STAGE_ORDER = STAGES
+OPTIONAL = {  # attribute -> catalog name
+    "quality": "embedding_quality",
+    "bias": "bias",                      # the shortcut finder (probe stage), per class x probe
+    "bias_verdicts": "bias_verdicts",    # ... and its verdict per class
+    "probe_units": "probe_units",        # ... each unit's sensitivity to each probe
+    "probe_examples": "probe_examples",  # ... and its example images, one strip per probe
 }
 
 
@@ -133,8 +134,7 @@ def load_report_data(run_dir, title=None) -> ReportData:
     from pipeline.storage.results import Run
 
     run = Run(run_dir)
-    if run.dataset is None:
-        raise UserError(f"{run_dir} has no dataset.parquet yet: run the extract stage first")
+    run.catalog.require("dataset")
     manifest = run.manifest or {}
     dataset = run.dataset.reset_index(drop=True)
     labels = dataset["label"].to_numpy().astype(np.int64)
@@ -148,9 +148,8 @@ def load_report_data(run_dir, title=None) -> ReportData:
         clusters=run.clusters, cluster_summary=run.cluster_summary, layers=run.layers,
         image_embeddings=run.image_embeddings, neuron_embeddings=run.neuron_embeddings,
         maximize=run.maximize)
-    for attr, file in OPTIONAL.items():
-        if run.store.exists(file):
-            setattr(data, attr, run.store.read_table(file))
+    for attr, name in OPTIONAL.items():
+        setattr(data, attr, getattr(run, name))
     data.predictions = predictions(run, labels, classes)
     return data
 

@@ -77,11 +77,6 @@ def path(name, *parts) -> str:
     return "/".join((base, *map(str, parts))) if parts else base
 
 
-def made_by(stage) -> tuple:
-    """Names of the artifacts ``stage`` writes, in catalog order."""
-    return tuple(a.name for a in ARTIFACTS if a.stage == stage)
-
-
 class Catalog:
     """Typed reading and writing of a run directory's artifacts, by name.
 
@@ -146,10 +141,6 @@ class Catalog:
     def write_bytes(self, name, relative, data: bytes) -> None:
         """Write one file inside folder artifact ``name`` atomically (a PNG, a partial index)."""
         self.store.write_bytes(path(name, relative), data)
-
-    def write_table_in(self, name, relative, table) -> None:
-        """Write a parquet table inside folder artifact ``name`` atomically."""
-        self.store.write_table(path(name, relative), table)
 
     def remove(self, name, *parts) -> None:
         self.store.remove(path(name, *parts))
