@@ -1,11 +1,16 @@
-"""Embeddings: planted blobs are recovered, runs repeat bit for bit, tiny inputs do not crash."""
+"""Embeddings: planted blobs are recovered, runs repeat bit for bit, tiny inputs do not crash;
+the fitted maps place new points."""
 import os
+import pickle
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.neighbors import KNeighborsClassifier
 
 from pipeline.analysis import embedding as E
 
@@ -91,6 +96,141 @@ def test_sample_and_rest_split_is_seeded_and_complete():
     fit, rest = E._split_sample(10, 4, seed=5)
     assert len(fit) == 4 and np.array_equal(np.sort(np.r_[fit, rest]), np.arange(10))
     assert np.array_equal(E._split_sample(10, 4, seed=5)[0], fit)
+
+
+# --- the fitted maps: fit on some points, place new ones ------------------------------------
+
+@pytest.fixture(scope="module")
+def fitted(blob_features):
+    """One map per method, fitted on the first 200 of the 300 blob points."""
+    x, _ = blob_features
+    return {method: E.make_map(method, random_state=0).fit(x[:200]) for method in METHODS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_map_is_fitted_on_some_points_and_places_new_ones(method, blob_features, fitted):
+    x, labels = blob_features
+    fitted_map = fitted[method]
+    assert fitted_map.embedding_.shape == (200, 2) and fitted_map.embedding_.dtype == np.float32
+    assert fitted_map.n_features_in_ == x.shape[1]
+    new = fitted_map.transform(x[200:])
+    assert new.shape == (100, 2) and new.dtype == np.float32 and np.isfinite(new).all()
+    # each new point lands among the fitted points of its own blob
+    nearest = KNeighborsClassifier(n_neighbors=1).fit(fitted_map.embedding_, labels[:200])
+    assert nearest.score(new, labels[200:]) > 0.95
+    assert fitted_map.transform(x[:0]).shape == (0, 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_fit_points_are_placed_where_the_map_has_them(method, blob_features, fitted):
+    x, _ = blob_features
+    xy = fitted[method].embedding_
+    radius = np.median(np.linalg.norm(xy - xy.mean(axis=0), axis=1))
+    assert np.linalg.norm(fitted[method].transform(x[:200]) - xy, axis=1).max() < 0.05 * radius
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_placing_points_leaves_the_map_as_it_is(method, blob_features, fitted):
+    # openTSNE's own transform re-centres the map in place; chunks placed later would shift
+    x, _ = blob_features
+    fitted_map = fitted[method]
+    library_map = lambda: np.array(fitted_map.model_.embedding_ if method == "umap" else fitted_map.model_)
+    before, library_before = fitted_map.embedding_.copy(), library_map()
+    first = fitted_map.transform(x[200:])
+    assert np.array_equal(fitted_map.embedding_, before) and np.array_equal(library_map(), library_before)
+    assert np.array_equal(fitted_map.transform(x[200:]), first)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_map_is_reproducible_from_its_seed(method, blob_features, fitted):
+    x, _ = blob_features
+    again = E.make_map(method, random_state=0).fit(x[:200])
+    assert np.array_equal(again.embedding_, fitted[method].embedding_)
+    assert np.array_equal(again.transform(x[200:]), fitted[method].transform(x[200:]))
+    other = E.make_map(method, random_state=1).fit(x[:200])
+    assert not np.array_equal(other.embedding_, fitted[method].embedding_)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_pickled_map_places_points_identically(method, blob_features, fitted):
+    # how the Dask engine ships a fitted map to its workers
+    x, _ = blob_features
+    copy = pickle.loads(pickle.dumps(fitted[method]))
+    assert np.array_equal(copy.transform(x[200:]), fitted[method].transform(x[200:]))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_embedding_of_few_points_is_the_fitted_map(method, blob_features, embedded):
+    x, _ = blob_features
+    assert np.array_equal(E.make_map(method, random_state=0).fit_transform(x), embedded[method])
+
+
+def test_maps_follow_scikit_learn_conventions():
+    tsne = E.TSNEMap(perplexity=5, random_state=2)
+    assert tsne.get_params() == {"perplexity": 5, "negative_gradient_method": None, "random_state": 2}
+    assert clone(tsne).get_params() == tsne.get_params() and repr(tsne) == "TSNEMap(perplexity=5, random_state=2)"
+    assert E.make_map("umap", n_neighbors=7).get_params() == {"n_neighbors": 7, "random_state": 0}
+    with pytest.raises(ValueError, match="unknown embedding method 'pca'"):
+        E.make_map("pca")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_map_refuses_input_it_cannot_embed(method, blob_features, fitted):
+    x, _ = blob_features
+    unfitted = E.make_map(method)
+    with pytest.raises(ValueError, match=r"expects a 2-D array \(n_samples, n_features\), got shape \(300,\) "
+                                         r"\(for 1-D data: x.reshape\(-1, 1\)"):
+        unfitted.fit(x[:, 0])
+    bad = x.copy()
+    bad[7, 1], bad[9, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"fit: 2 of 300 rows hold NaN or infinite values \(first: row 7\)"):
+        unfitted.fit(bad)
+    with pytest.raises(ValueError, match=f"needs at least {E.MIN_POINTS} points to fit, got 4"):
+        unfitted.fit(x[:4])
+    with pytest.raises(NotFittedError):
+        unfitted.transform(x)
+    with pytest.raises(ValueError, match=r"transform expects a 2-D array .* got shape \(20,\)"):
+        fitted[method].transform(x[0])
+    with pytest.raises(ValueError, match=r"transform: 2 of 300 rows hold NaN or infinite values"):
+        fitted[method].transform(bad)
+    with pytest.raises(ValueError, match=f"X has 3 features, but the map was fitted on {x.shape[1]}"):
+        fitted[method].transform(x[:, :3])
+
+
+# --- the hooks of tsne_2d / umap_2d: where chunks are placed, how long each phase took ------
+
+def test_the_profile_hook_reports_the_fit_and_each_placed_chunk(large):
+    x, _, _, results = large
+    phases = []
+    xy = E.embed(x, "tsne", random_state=3, max_fit=200, chunk_size=150,
+                 profile=lambda *phase: phases.append(phase))
+    assert np.array_equal(xy, results["tsne"])
+    assert [(phase, n) for phase, n, _ in phases] == [("fit", 200), ("place", 150), ("place", 150), ("place", 100)]
+    assert all(seconds >= 0 for _, _, seconds in phases)
+    phases.clear()
+    E.tsne_2d(x[:50], profile=lambda *phase: phases.append(phase))
+    assert [(phase, n) for phase, n, _ in phases] == [("fit", 50)]
+
+
+def test_the_placer_hook_may_place_the_chunks_elsewhere_in_any_order(large):
+    x, _, _, results = large
+    calls = []
+
+    def placer(fitted_map, chunks):  # as a remote engine would: a shipped copy, chunks out of order
+        chunks = list(chunks)
+        calls.append((type(fitted_map).__name__, [len(chunk) for chunk in chunks]))
+        shipped = pickle.loads(pickle.dumps(fitted_map))
+        return [shipped.transform(chunk) for chunk in chunks[::-1]][::-1]
+
+    assert np.array_equal(E.embed(x, "tsne", random_state=3, max_fit=200, chunk_size=150, placer=placer),
+                          results["tsne"])
+    assert calls == [("TSNEMap", [150, 150, 100])]
+    with pytest.raises(RuntimeError, match=r"placer returned shape \(3, 2\) for a chunk of 150 points"):
+        E.embed(x, "tsne", random_state=3, max_fit=200, chunk_size=150,
+                placer=lambda fitted_map, chunks: (np.zeros((3, 2)) for _ in chunks))
+    with pytest.raises(RuntimeError, match="the placer returned 1 results for 3 chunks"):
+        E.embed(x, "tsne", random_state=3, max_fit=200, chunk_size=150,
+                placer=lambda fitted_map, chunks: [fitted_map.transform(next(chunks))])
 
 
 # --- small inputs ----------------------------------------------------------------------------

@@ -1,9 +1,16 @@
 """2-D embeddings of images and of neurons, and how faithful they are.
 
-Pure functions: arrays in, arrays or DataFrames out, no file I/O. The embed stage calls
+Arrays in, arrays or DataFrames out, no file I/O. The embed stage calls
 :func:`prepare_features` (or :func:`neuron_features` then :func:`prepare_features`), then
 :func:`embed`, scores the result with :func:`trustworthiness_sampled` / :func:`knn_accuracy`
 and stores :func:`image_embedding_table` / :func:`neuron_embedding_table` rows.
+
+The maps themselves are scikit-learn style objects: :class:`TSNEMap` and :class:`UMAPMap`
+(or :func:`make_map`) ``fit`` on some points (``embedding_``) and ``transform`` places new
+points into the fitted map without moving it. :func:`tsne_2d` / :func:`umap_2d` fit one on a
+seeded sample of at most ``max_fit`` points and ``transform`` the rest in chunks; their
+``placer`` hook lets an engine place the chunks elsewhere (the Dask engine: on its workers) and
+their ``profile`` hook reports the seconds spent fitting and placing.
 
 Determinism: every random choice is seeded from ``random_state``, so the same inputs and seed
 give bit-identical outputs on the same machine and library versions.
@@ -26,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
 #: Fewer points than this and t-SNE/UMAP are not meaningful: a deterministic PCA layout is
 #: returned instead and the caller should record that the embedding is only a fallback.
@@ -268,6 +277,77 @@ def fallback_2d(x, random_state=0) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# fitted maps (scikit-learn style): fit on some points, place new ones
+# --------------------------------------------------------------------------------------------
+
+def _check_features(x, who: str) -> np.ndarray:
+    """float32 (n_samples, n_features) with only finite values, or a ValueError saying why not."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        hint = (" (for 1-D data: x.reshape(-1, 1) if it is one feature, x.reshape(1, -1) if it is "
+                "one sample)" if x.ndim == 1 else "")
+        raise ValueError(f"{who} expects a 2-D array (n_samples, n_features), got shape {x.shape}{hint}")
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{who}: {int(bad.sum())} of {len(x)} rows hold NaN or infinite values "
+                         f"(first: row {int(np.flatnonzero(bad)[0])}); prepare_features drops "
+                         "non-finite columns, or leave those rows out")
+    return x
+
+
+class _EmbeddingMap(TransformerMixin, BaseEstimator):
+    """What the t-SNE and UMAP maps share: input checks, ``fit_transform``, ``transform``."""
+
+    def fit(self, X, y=None):
+        """Fit the map on the rows of ``X``; return ``self``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            At least ``MIN_POINTS`` rows, all finite; usually the output of
+            :func:`prepare_features`.
+        y : ignored
+        """
+        name = type(self).__name__
+        x = _check_features(X, f"{name}.fit")
+        if len(x) < MIN_POINTS:
+            raise ValueError(f"{name} needs at least {MIN_POINTS} points to fit, got {len(x)}; "
+                             "fallback_2d gives a PCA layout of fewer")
+        self._fit(x, _seed(self.random_state))
+        self.n_features_in_ = x.shape[1]
+        return self
+
+    def fit_transform(self, X, y=None):
+        """Fit on ``X`` and return ``embedding_`` (the fitted positions, not ``transform(X)``)."""
+        return self.fit(X).embedding_
+
+    def transform(self, X):
+        """Place new points into the fitted map, which itself stays as it is.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features_in_)
+            Finite values, in the same feature space as the fit (e.g. rows of the same
+            :func:`prepare_features` output).
+
+        Returns
+        -------
+        ndarray of shape (n_samples, 2), float32
+            Each point's position depends only on the fitted map and the rows passed in the
+            same call, so points can be placed in any chunks, in any order, on any machine.
+        """
+        check_is_fitted(self)
+        name = type(self).__name__
+        x = _check_features(X, f"{name}.transform")
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"{name}.transform: X has {x.shape[1]} features, but the map was "
+                             f"fitted on {self.n_features_in_}")
+        if not len(x):
+            return np.zeros((0, 2), dtype=np.float32)
+        return np.asarray(self._place(x), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
 # t-SNE (openTSNE)
 # --------------------------------------------------------------------------------------------
 
@@ -295,75 +375,76 @@ def _gradient_method(n: int, requested: str | None) -> str:
     return "fft" if n >= FFT_FROM else "bh"
 
 
-def _tsne_fit(x: np.ndarray, seed: int, perplexity: float, gradient: str | None):
-    """A fitted ``openTSNE.TSNEEmbedding`` of all rows of ``x``."""
-    from openTSNE import TSNE
+class TSNEMap(_EmbeddingMap):
+    """A 2-D t-SNE map (openTSNE) that new points can be placed into.
 
-    tsne = TSNE(n_components=2, perplexity=_clamp_perplexity(perplexity, len(x)),
-                negative_gradient_method=_gradient_method(len(x), gradient), n_jobs=1,
-                random_state=seed, verbose=False, **_TSNE_SCHEDULE)
-    return tsne.fit(x, initialization=_tsne_init(x, seed))
-
-
-def _tsne_place(reference, x_new: np.ndarray) -> np.ndarray:
-    """Positions of new points in a fitted embedding, which itself stays fixed.
-
-    ``prepare_partial`` + ``optimize`` with the schedule of ``TSNEEmbedding.transform``: the
-    same quality, but ``transform`` also re-centres the reference embedding in place, which
-    would shift points already placed by earlier chunks.
-    """
-    perplexity = _clamp_perplexity(_TSNE_PLACE_PERPLEXITY, reference.shape[0] + 1)
-    partial = reference.prepare_partial(x_new, initialization="median", k=_TSNE_PLACE_K,
-                                        perplexity=perplexity)
-    return np.asarray(partial.optimize(**_TSNE_PLACE, inplace=True), dtype=np.float32)
-
-
-def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None,
-            negative_gradient_method=None) -> np.ndarray:
-    """2-D t-SNE (openTSNE, PCA initialisation), deterministic given the seed.
+    ``fit`` optimises the map of the fit points (PCA initialisation, 250 exaggerated + 500
+    normal iterations, one thread); ``transform`` places new points into it with openTSNE's
+    ``prepare_partial`` + ``optimize`` (the schedule of ``TSNEEmbedding.transform``) and leaves
+    the map unchanged. :func:`tsne_2d` is this map fitted on a sample with the rest transformed.
 
     Parameters
     ----------
-    x : array-like of shape (n_samples, n_features)
-        Usually the output of :func:`prepare_features`.
-    random_state : int, RandomState instance or None, default=0
     perplexity : float, default=30.0
-        Clamped to ``max(1, min(perplexity, (n - 1) / 3))`` so small inputs work.
-    max_fit : int, default=10000
-        Above this many points t-SNE is fitted on a seeded sample of ``max_fit`` points and
-        the rest are placed into that fixed embedding with openTSNE's ``prepare_partial`` +
-        ``optimize`` (the schedule of ``transform``), ``chunk_size`` points at a time so memory
-        stays bounded. Fitting 10k and placing 40k matched a full fit's trustworthiness.
-    chunk_size : int, optional
-        Points placed per chunk; defaults to ``max_fit``.
+        Clamped to ``max(1, min(perplexity, (n_fit - 1) / 3))`` so small fits work.
     negative_gradient_method : {"fft", "bh"}, optional
-        Default: FFT interpolation when t-SNE is fitted on at least ``FFT_FROM`` (10,000)
-        points, Barnes-Hut below, where FFT's fixed grid cost makes it ~10x slower.
+        Default: FFT interpolation from ``FFT_FROM`` (10,000) fit points, Barnes-Hut below.
+    random_state : int, RandomState instance or None, default=0
+        Seeds the initialisation and the optimisation; an int gives bit-identical maps on the
+        same machine and library versions.
 
-    Returns
-    -------
-    ndarray of shape (n_samples, 2), float32
-        With fewer than ``MIN_POINTS`` points openTSNE is not called and :func:`fallback_2d`
-        is returned: the caller should record that t-SNE was not meaningful.
+    Attributes
+    ----------
+    embedding_ : ndarray of shape (n_fit, 2), float32
+        Positions of the fit points.
+    n_features_in_ : int
+    perplexity_ : float
+        The perplexity used (after clamping).
+    negative_gradient_method_ : str
+        The gradient method used.
+    kl_divergence_ : float
+        openTSNE's KL divergence of the fitted map.
+    model_ : openTSNE.TSNEEmbedding
+        The fitted openTSNE object, for openTSNE's own API. Its ``transform`` re-centres the
+        map in place; this class's ``transform`` does not.
 
     Notes
     -----
-    Runs single-threaded (``n_jobs=1``): openTSNE's result depends on the thread count.
+    Single-threaded (``n_jobs=1``): openTSNE's result depends on the thread count.
+
+    Examples
+    --------
+    >>> x = prepare_features(np.random.default_rng(0).normal(size=(300, 20)))
+    >>> tsne = TSNEMap(perplexity=20, random_state=0).fit(x[:200])
+    >>> tsne.embedding_.shape, tsne.transform(x[200:]).shape
+    ((200, 2), (100, 2))
     """
-    x = _as_matrix(x)
-    seed = _seed(random_state)
-    if len(x) < MIN_POINTS:
-        return _leading_2d(x, seed)
-    if len(x) <= max_fit:
-        return np.asarray(_tsne_fit(x, seed, perplexity, negative_gradient_method),
-                          dtype=np.float32)
-    fit_rows, rest = _split_sample(len(x), max_fit, seed)
-    reference = _tsne_fit(x[fit_rows], seed, perplexity, negative_gradient_method)
-    xy = np.empty((len(x), 2), dtype=np.float32)
-    xy[fit_rows] = np.asarray(reference, dtype=np.float32)
-    for rows in _chunks(rest, chunk_size or max_fit):
-        xy[rows] = _tsne_place(reference, x[rows])
-    return xy
+
+    def __init__(self, *, perplexity=30.0, negative_gradient_method=None, random_state=0):
+        self.perplexity = perplexity
+        self.negative_gradient_method = negative_gradient_method
+        self.random_state = random_state
+
+    def _fit(self, x, seed):
+        from openTSNE import TSNE
+
+        self.perplexity_ = _clamp_perplexity(self.perplexity, len(x))
+        self.negative_gradient_method_ = _gradient_method(len(x), self.negative_gradient_method)
+        tsne = TSNE(n_components=2, perplexity=self.perplexity_,
+                    negative_gradient_method=self.negative_gradient_method_, n_jobs=1,
+                    random_state=seed, verbose=False, **_TSNE_SCHEDULE)
+        self.model_ = tsne.fit(x, initialization=_tsne_init(x, seed))
+        self.embedding_ = np.asarray(self.model_, dtype=np.float32)
+        self.kl_divergence_ = float(self.model_.kl_divergence)
+
+    def _place(self, x):
+        # prepare_partial + optimize, not TSNEEmbedding.transform: that one also re-centres the
+        # reference map in place, which would shift points placed by earlier calls
+        reference = self.model_
+        perplexity = _clamp_perplexity(_TSNE_PLACE_PERPLEXITY, reference.shape[0] + 1)
+        partial = reference.prepare_partial(x, initialization="median", k=_TSNE_PLACE_K,
+                                            perplexity=perplexity)
+        return partial.optimize(**_TSNE_PLACE, inplace=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,55 +488,58 @@ def _import_umap():
     return UMAP
 
 
-def _umap_model(n_neighbors: int, seed: int):
-    UMAP = _import_umap()
-    # n_jobs=1 explicitly: a seed forces it anyway, and umap warns when it has to override it
-    return UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, transform_seed=seed,
-                n_jobs=1)
+class UMAPMap(_EmbeddingMap):
+    """A 2-D UMAP map (umap-learn) that new points can be placed into.
 
-
-def umap_2d(x, random_state=0, n_neighbors=15, max_fit=10000, chunk_size=None) -> np.ndarray:
-    """2-D UMAP (umap-learn), deterministic given the seed.
+    ``fit`` fits ``umap.UMAP`` on the fit points; ``transform`` is ``UMAP.transform``, seeded
+    with the same seed. :func:`umap_2d` is this map fitted on a sample with the rest
+    transformed.
 
     Parameters
     ----------
-    x : array-like of shape (n_samples, n_features)
-        Usually the output of :func:`prepare_features`.
+    n_neighbors : int, default=15
+        Clamped to ``n_fit - 1`` (and at least 2) for small fits.
     random_state : int, RandomState instance or None, default=0
         Seeds the fit and ``transform`` (seeded UMAP is single-threaded by design).
-    n_neighbors : int, default=15
-        Clamped to ``n_fit - 1`` (and at least 2) for small inputs.
-    max_fit : int, default=10000
-        Above this many points UMAP is fitted on a seeded sample of ``max_fit`` points and the
-        rest are placed with ``UMAP.transform``, ``chunk_size`` points at a time.
-    chunk_size : int, optional
-        Points transformed per chunk; defaults to ``max_fit``.
 
-    Returns
-    -------
-    ndarray of shape (n_samples, 2), float32
-        With fewer than ``MIN_POINTS`` points umap is not called and :func:`fallback_2d` is
-        returned.
+    Attributes
+    ----------
+    embedding_ : ndarray of shape (n_fit, 2), float32
+        Positions of the fit points.
+    n_features_in_ : int
+    n_neighbors_ : int
+        The number of neighbours used (after clamping).
+    model_ : umap.UMAP
+        The fitted umap-learn object.
 
     Notes
     -----
-    The first call in a process compiles numba code (tens of seconds); call
-    :func:`warm_up_umap` once up front so the cost is not charged to the first layer.
+    The first fit in a process compiles numba code (tens of seconds); :func:`warm_up_umap`
+    does it up front.
+
+    Examples
+    --------
+    >>> x = prepare_features(np.random.default_rng(0).normal(size=(300, 20)))
+    >>> umap = UMAPMap(n_neighbors=10, random_state=0).fit(x[:200])  # doctest: +SKIP
+    >>> umap.transform(x[200:]).shape                                  # doctest: +SKIP
+    (100, 2)
     """
-    x = _as_matrix(x)
-    seed = _seed(random_state)
-    if len(x) < MIN_POINTS:
-        return _leading_2d(x, seed)
-    n_fit = min(len(x), max_fit)
-    model = _umap_model(max(2, min(n_neighbors, n_fit - 1)), seed)
-    if len(x) <= max_fit:
-        return np.asarray(model.fit_transform(x), dtype=np.float32)
-    fit_rows, rest = _split_sample(len(x), max_fit, seed)
-    xy = np.empty((len(x), 2), dtype=np.float32)
-    xy[fit_rows] = model.fit_transform(x[fit_rows])
-    for rows in _chunks(rest, chunk_size or max_fit):
-        xy[rows] = model.transform(x[rows])
-    return xy
+
+    def __init__(self, *, n_neighbors=15, random_state=0):
+        self.n_neighbors = n_neighbors
+        self.random_state = random_state
+
+    def _fit(self, x, seed):
+        UMAP = _import_umap()
+        self.n_neighbors_ = max(2, min(int(self.n_neighbors), len(x) - 1))
+        # n_jobs=1 explicitly: a seed forces it anyway, and umap warns when it has to override it
+        self.model_ = UMAP(n_components=2, n_neighbors=self.n_neighbors_, random_state=seed,
+                           transform_seed=seed, n_jobs=1)
+        self.model_.fit(x)
+        self.embedding_ = np.asarray(self.model_.embedding_, dtype=np.float32)
+
+    def _place(self, x):
+        return self.model_.transform(x)
 
 
 def warm_up_umap(approximate=True) -> float:
@@ -491,8 +575,155 @@ def warm_up_umap(approximate=True) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# dispatch
+# whole embeddings: the map fitted on a sample, the rest placed in chunks
 # --------------------------------------------------------------------------------------------
+
+MAPS = {"tsne": TSNEMap, "umap": UMAPMap}
+
+
+def make_map(method, **params):
+    """An unfitted :class:`TSNEMap` (``"tsne"``) or :class:`UMAPMap` (``"umap"``).
+
+    Examples
+    --------
+    >>> make_map("tsne", perplexity=10)
+    TSNEMap(perplexity=10)
+    """
+    if method not in MAPS:
+        raise ValueError(f"unknown embedding method {method!r}: expected one of {list(METHODS)}")
+    return MAPS[method](**params)
+
+
+def _place_here(fitted, chunks):
+    """The default placer: each chunk in turn, in this process."""
+    for chunk in chunks:
+        yield fitted.transform(chunk)
+
+
+def _fit_and_place(x, new_map, seed, max_fit, chunk_size, placer, profile):
+    """Fit ``new_map`` on all of ``x`` or on a seeded sample of ``max_fit`` rows; place the rest."""
+    note = profile or (lambda phase, n_points, seconds: None)
+    if len(x) <= max_fit:
+        start = time.perf_counter()
+        fitted = new_map.fit(x)
+        note("fit", len(x), time.perf_counter() - start)
+        return fitted.embedding_
+    fit_rows, rest = _split_sample(len(x), max_fit, seed)
+    start = time.perf_counter()
+    fitted = new_map.fit(x[fit_rows])
+    note("fit", len(fit_rows), time.perf_counter() - start)
+    xy = np.empty((len(x), 2), dtype=np.float32)
+    xy[fit_rows] = fitted.embedding_
+    pieces = _chunks(rest, chunk_size or max_fit)
+    placed = iter((placer or _place_here)(fitted, (x[rows] for rows in pieces)))
+    for i, rows in enumerate(pieces):
+        start = time.perf_counter()
+        piece = next(placed, None)
+        if piece is None:
+            raise RuntimeError(f"the placer returned {i} results for {len(pieces)} chunks")
+        piece = np.asarray(piece, dtype=np.float32)
+        if piece.shape != (len(rows), 2):
+            raise RuntimeError(f"the placer returned shape {piece.shape} for a chunk of {len(rows)} points")
+        xy[rows] = piece
+        note("place", len(rows), time.perf_counter() - start)
+    return xy
+
+
+def tsne_2d(x, random_state=0, perplexity=30.0, max_fit=10000, chunk_size=None,
+            negative_gradient_method=None, *, placer=None, profile=None) -> np.ndarray:
+    """2-D t-SNE (openTSNE, PCA initialisation), deterministic given the seed.
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+        Usually the output of :func:`prepare_features`.
+    random_state : int, RandomState instance or None, default=0
+    perplexity : float, default=30.0
+        Clamped to ``max(1, min(perplexity, (n - 1) / 3))`` so small inputs work.
+    max_fit : int, default=10000
+        Above this many points a :class:`TSNEMap` is fitted on a seeded sample of ``max_fit``
+        points and the rest are placed into that fixed map with its ``transform`` (openTSNE's
+        ``prepare_partial`` + ``optimize``), ``chunk_size`` points at a time so memory stays
+        bounded. Fitting 10k and placing 40k matched a full fit's trustworthiness.
+    chunk_size : int, optional
+        Points placed per chunk; defaults to ``max_fit``.
+    negative_gradient_method : {"fft", "bh"}, optional
+        Default: FFT interpolation when t-SNE is fitted on at least ``FFT_FROM`` (10,000)
+        points, Barnes-Hut below, where FFT's fixed grid cost makes it ~10x slower.
+    placer : callable, optional
+        Where the chunks are placed: ``placer(fitted_map, chunks)`` receives the fitted map and
+        an iterator over the chunks' feature rows and returns an iterable of their ``(n, 2)``
+        positions, in order. Default: ``fitted_map.transform(chunk)`` for each chunk in turn,
+        in this process. The Dask engine passes one that places them on its workers; the
+        chunks and the result are the same.
+    profile : callable, optional
+        Called as ``profile(phase, n_points, seconds)`` after the fit (``"fit"``, once) and
+        after each placed chunk (``"place"``), with the wall seconds this call spent on it.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2), float32
+        With fewer than ``MIN_POINTS`` points openTSNE is not called and :func:`fallback_2d`
+        is returned: the caller should record that t-SNE was not meaningful.
+
+    Notes
+    -----
+    Runs single-threaded (``n_jobs=1``): openTSNE's result depends on the thread count.
+    """
+    x = _as_matrix(x)
+    seed = _seed(random_state)
+    if len(x) < MIN_POINTS:
+        return _leading_2d(x, seed)
+    new_map = TSNEMap(perplexity=perplexity, negative_gradient_method=negative_gradient_method,
+                      random_state=seed)
+    return _fit_and_place(x, new_map, seed, max_fit, chunk_size, placer, profile)
+
+
+def umap_2d(x, random_state=0, n_neighbors=15, max_fit=10000, chunk_size=None, *,
+            placer=None, profile=None) -> np.ndarray:
+    """2-D UMAP (umap-learn), deterministic given the seed.
+
+    Parameters
+    ----------
+    x : array-like of shape (n_samples, n_features)
+        Usually the output of :func:`prepare_features`.
+    random_state : int, RandomState instance or None, default=0
+        Seeds the fit and ``transform`` (seeded UMAP is single-threaded by design).
+    n_neighbors : int, default=15
+        Clamped to ``n_fit - 1`` (and at least 2) for small inputs.
+    max_fit : int, default=10000
+        Above this many points a :class:`UMAPMap` is fitted on a seeded sample of ``max_fit``
+        points and the rest are placed with its ``transform``, ``chunk_size`` points at a time.
+    chunk_size : int, optional
+        Points transformed per chunk; defaults to ``max_fit``.
+    placer : callable, optional
+        Where the chunks are placed: ``placer(fitted_map, chunks)`` receives the fitted map and
+        an iterator over the chunks' feature rows and returns an iterable of their ``(n, 2)``
+        positions, in order. Default: ``fitted_map.transform(chunk)`` for each chunk in turn,
+        in this process. The Dask engine passes one that places them on its workers; the
+        chunks and the result are the same.
+    profile : callable, optional
+        Called as ``profile(phase, n_points, seconds)`` after the fit (``"fit"``, once) and
+        after each placed chunk (``"place"``), with the wall seconds this call spent on it.
+
+    Returns
+    -------
+    ndarray of shape (n_samples, 2), float32
+        With fewer than ``MIN_POINTS`` points umap is not called and :func:`fallback_2d` is
+        returned.
+
+    Notes
+    -----
+    The first call in a process compiles numba code (tens of seconds); call
+    :func:`warm_up_umap` once up front so the cost is not charged to the first layer.
+    """
+    x = _as_matrix(x)
+    seed = _seed(random_state)
+    if len(x) < MIN_POINTS:
+        return _leading_2d(x, seed)
+    new_map = UMAPMap(n_neighbors=n_neighbors, random_state=seed)
+    return _fit_and_place(x, new_map, seed, max_fit, chunk_size, placer, profile)
+
 
 def embed(x, method, **kw) -> np.ndarray:
     """2-D embedding of ``x`` with ``method`` ("tsne" or "umap").
@@ -502,7 +733,8 @@ def embed(x, method, **kw) -> np.ndarray:
     x : array-like of shape (n_samples, n_features)
     method : {"tsne", "umap"}
     **kw
-        Passed to :func:`tsne_2d` or :func:`umap_2d` (e.g. ``random_state``, ``max_fit``).
+        Passed to :func:`tsne_2d` or :func:`umap_2d` (e.g. ``random_state``, ``max_fit``,
+        ``placer``, ``profile``).
 
     Returns
     -------

@@ -15,8 +15,9 @@ What is measured, all in the same run on the same machine:
   latent manifold mapped into 256-D by a random ReLU layer, plus Gaussian noise.
 - Features: ``prepare_features(x, pca=50, random_state=0)`` once; every method embeds the same
   (N, 50) float32 matrix. Its time is reported but not charged to any method.
-- Methods: ours with the default ``max_fit=10000`` (openTSNE fit on a seeded 10k sample, FFT
-  gradients, n_jobs=1; the rest placed with ``prepare_partial`` + ``optimize`` in chunks of 10k),
+- Methods: ours with the default ``max_fit=10000`` (a ``TSNEMap`` fitted on a seeded 10k sample,
+  FFT gradients, n_jobs=1; the rest placed with its ``transform``, openTSNE's ``prepare_partial`` +
+  ``optimize``, in chunks of 10k),
   run twice, just before and just after scikit-learn, to bracket load changes (the headline ratio
   uses the slower of the two); ours with ``max_fit=N`` (a full openTSNE fit of all points, run
   last); ``sklearn.manifold.TSNE(n_components=2, init="pca", random_state=0, n_jobs=2)``
@@ -25,7 +26,7 @@ What is measured, all in the same run on the same machine:
   for every method, 10 neighbours) and, for context, ``knn_accuracy(xy, labels)``.
 - Wall seconds, process CPU seconds (all threads), CPU/wall (below 1 for our single-threaded
   runs means other jobs took the core) and peak RSS during each method (VmHWM reset before each;
-  Linux only).
+  Linux only). Our fit and placement seconds come from ``tsne_2d``'s ``profile`` hook.
 
 The machine is shared, so absolute seconds move with its load; the ratios are from one run.
 """
@@ -89,40 +90,19 @@ def blob_features(n, seed=0, dim=256, clusters=10, latent=3, noise=0.3):
 # --------------------------------------------------------------------------- measurement
 
 
-class PhaseTimer:
-    """Wall time spent in ``embedding._tsne_fit`` and ``embedding._tsne_place`` (code not changed).
-
-    These are private: ``tsne_2d`` has no public hook that reports its fit and placement phases,
-    so the two are wrapped here while ``PhaseTimer`` is entered.
-    """
+class Phases:
+    """Wall seconds of the openTSNE fit and of each placed chunk, from ``tsne_2d``'s public ``profile`` hook."""
 
     def __init__(self):
         self.fit = self.place = 0.0
         self.n_place = 0
 
-    def __enter__(self):
-        self._orig = embedding._tsne_fit, embedding._tsne_place
-
-        def fit(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return self._orig[0](*a, **k)
-            finally:
-                self.fit += time.perf_counter() - t0
-
-        def place(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return self._orig[1](*a, **k)
-            finally:
-                self.place += time.perf_counter() - t0
-                self.n_place += 1
-
-        embedding._tsne_fit, embedding._tsne_place = fit, place
-        return self
-
-    def __exit__(self, *exc):
-        embedding._tsne_fit, embedding._tsne_place = self._orig
+    def __call__(self, phase, n_points, seconds):
+        if phase == "fit":
+            self.fit += seconds
+        else:
+            self.place += seconds
+            self.n_place += 1
 
 
 def measure(name, fn):
@@ -145,9 +125,9 @@ def measure(name, fn):
 
 def run_ours(feats, max_fit):
     def fn():
-        with PhaseTimer() as pt:
-            xy = embedding.tsne_2d(feats, random_state=0, max_fit=max_fit)
-        return xy, {"fit_s": pt.fit, "place_s": pt.place, "n_place": pt.n_place}
+        phases = Phases()
+        xy = embedding.tsne_2d(feats, random_state=0, max_fit=max_fit, profile=phases)
+        return xy, {"fit_s": phases.fit, "place_s": phases.place, "n_place": phases.n_place}
     return fn
 
 
