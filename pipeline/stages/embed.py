@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline.stages.base import Stage
+from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.arrays import layer_array, open_activations
 
 
@@ -80,7 +80,7 @@ def run(ctx):
 
     cfg, store = ctx.cfg, ctx.store
     root, names, infos = open_activations(store)
-    labels = store.read_table("dataset.parquet")["label"].to_numpy()
+    labels = ctx.catalog.read("dataset")["label"].to_numpy()
     n_images = len(labels)
     labels = labels if (labels >= 0).any() else None
     if "umap" in cfg.embed.methods:
@@ -108,10 +108,10 @@ def run(ctx):
             ctx.log(f"embed: only {len(acts)} images: t-SNE/UMAP need at least {E.MIN_POINTS}; "
                     "stored a PCA layout instead (marked fallback)")
     bar.close()
-    store.write_table("embeddings/images.parquet", _concat(images, ["layer", "method", "index", "x", "y"]))
-    store.write_table("embeddings/neurons.parquet", _concat(neurons, ["layer", "method", "channel", "x", "y"]))
-    store.write_table("embeddings/quality.parquet", pd.DataFrame(quality))
-    return {"layers": len(names), "methods": list(cfg.embed.methods)}
+    return Outputs({"image_embeddings": _concat(images, ["layer", "method", "index", "x", "y"]),
+                    "neuron_embeddings": _concat(neurons, ["layer", "method", "channel", "x", "y"]),
+                    "embedding_quality": pd.DataFrame(quality)},
+                   {"layers": len(names), "methods": list(cfg.embed.methods)})
 
 
 def _concat(frames, columns):
@@ -119,5 +119,5 @@ def _concat(frames, columns):
 
 
 STAGE = Stage(name="embed", deps=("extract",), params=_params,
-              outputs=("embeddings/images.parquet", "embeddings/neurons.parquet", "embeddings/quality.parquet"),
+              outputs=("image_embeddings", "neuron_embeddings", "embedding_quality"),
               run=run, version="1")
