@@ -81,3 +81,16 @@ def test_load_run_offers_every_table_of_the_catalog(tmp_path):
         getattr(run, name)  # every table is an attribute (None until its stage ran)
     assert run.probe_clusters["probe"].tolist() == ["hue"]
     assert run.clusters is None
+
+
+def test_stages_and_analysis_never_touch_files_themselves():
+    """Stages receive and return data; streaming ones write through ctx.store / ctx.catalog only."""
+    forbidden = re.compile(r"(?<![\w.])open\(|\.write_text\(|\.mkdir\(|zarr\.open|os\.replace|shutil\."
+                           r"|(?<!store)(?<!catalog)\.write_bytes\(|\.to_parquet\((?!index|buf)")
+    found = []
+    for package in ("stages", "analysis", "shortcuts"):
+        for source in (PACKAGE / package).rglob("*.py"):
+            for line_no, line in enumerate(source.read_text().splitlines(), 1):
+                if forbidden.search(line.split("#", 1)[0]):
+                    found.append(f"{source.relative_to(PACKAGE)}:{line_no}: {line.strip()}")
+    assert found == []

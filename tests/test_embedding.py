@@ -13,6 +13,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.neighbors import KNeighborsClassifier
 
 from pipeline.analysis import embedding as E
+from pipeline.backend.umap import default_numba_cache_dir
 
 METHODS = ["tsne", "umap"]
 
@@ -381,12 +382,12 @@ def test_warm_up_compiles_umap_and_sets_a_numba_cache():
 
 def test_numba_cache_dir_chosen_by_the_user_is_kept(monkeypatch):
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/else")
-    E._default_numba_cache_dir()
+    default_numba_cache_dir()
     assert os.environ["NUMBA_CACHE_DIR"] == "/somewhere/else"
 
 
 def test_importing_umap_does_not_import_tensorflow():
-    code = ("import sys; from pipeline.analysis.embedding import _import_umap; _import_umap(); "
+    code = ("import sys; from pipeline.backend.umap import import_umap; import_umap(); "
             "print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

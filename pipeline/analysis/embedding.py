@@ -25,16 +25,15 @@ Heavy libraries (openTSNE, umap) are imported inside the functions that need the
 """
 from __future__ import annotations
 
-import os
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
+
+from pipeline.backend.umap import import_umap
 
 #: Fewer points than this and t-SNE/UMAP are not meaningful: a deterministic PCA layout is
 #: returned instead and the caller should record that the embedding is only a fallback.
@@ -451,43 +450,6 @@ class TSNEMap(_EmbeddingMap):
 # UMAP (umap-learn)
 # --------------------------------------------------------------------------------------------
 
-def _default_numba_cache_dir() -> None:
-    """Point numba's on-disk JIT cache at a user folder unless the user chose one.
-
-    Only effective before numba is first imported (numba reads it at import time).
-    """
-    if os.environ.get("NUMBA_CACHE_DIR"):
-        return
-    path = Path.home() / ".cache" / "pipeline-numba"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return  # unwritable home: numba keeps its default (next to the package, or none)
-    os.environ["NUMBA_CACHE_DIR"] = str(path)
-
-
-def _import_umap():
-    """``umap.umap_.UMAP`` without importing TensorFlow.
-
-    ``umap/__init__.py`` imports ``parametric_umap``, which imports TensorFlow (seconds, and
-    GBs of RAM). When TensorFlow is not loaded yet it is hidden for the duration of the import:
-    umap then falls back to its placeholder ``ParametricUMAP`` (not used here) and TensorFlow
-    stays importable afterwards. A thread importing TensorFlow during that window would fail.
-    """
-    _default_numba_cache_dir()
-    hide = "tensorflow" not in sys.modules
-    if hide:
-        sys.modules["tensorflow"] = None  # makes ``import tensorflow`` raise ImportError
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from umap.umap_ import UMAP
-    finally:
-        if hide and sys.modules.get("tensorflow", 0) is None:
-            del sys.modules["tensorflow"]
-    return UMAP
-
-
 class UMAPMap(_EmbeddingMap):
     """A 2-D UMAP map (umap-learn) that new points can be placed into.
 
@@ -530,7 +492,7 @@ class UMAPMap(_EmbeddingMap):
         self.random_state = random_state
 
     def _fit(self, x, seed):
-        UMAP = _import_umap()
+        UMAP = import_umap()
         self.n_neighbors_ = max(2, min(int(self.n_neighbors), len(x) - 1))
         # n_jobs=1 explicitly: a seed forces it anyway, and umap warns when it has to override it
         self.model_ = UMAP(n_components=2, n_neighbors=self.n_neighbors_, random_state=seed,
@@ -563,7 +525,7 @@ def warm_up_umap(approximate=True) -> float:
     """
     start = time.perf_counter()
     x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
-    UMAP = _import_umap()
+    UMAP = import_umap()
     for force in (False, True) if approximate else (False,):
         model = UMAP(n_neighbors=5, n_epochs=5, random_state=0, n_jobs=1,
                      force_approximation_algorithm=force)
