@@ -132,6 +132,34 @@ class ProbeConfig(_Section):
     examples: int = Field(default=4, ge=1, le=100)                 # example images per probe under probes/
 
 
+class RemedyConfig(_Section):
+    """``python -m pipeline remedy``: fine-tune a copy of the model against the cue the shortcut finder flagged."""
+    # null = the cue flagged for most classes (colour or texture); set it to remedy a cue that was not flagged.
+    cue: Optional[Literal["colour", "texture"]] = None
+    # Counterfactual augmentations; null = by cue: colour -> hue_rotation, grayscale, channel_shuffle;
+    # texture -> blur, patch_blur.
+    augment: Optional[list[Literal["hue_rotation", "grayscale", "channel_shuffle", "blur", "patch_blur"]]] = None
+    strength: float = Field(default=0.8, ge=0, le=1)        # share of training images replaced by a counterfactual, each epoch
+    epochs: int = Field(default=8, ge=1, le=1000)
+    learning_rate: float = Field(default=1e-3, gt=0, le=10)  # Adam
+    batch_size: int = Field(default=32, ge=1, le=8192)
+    # Which layers train: all | last:K (the last K layers with weights) | names / glob patterns.
+    layers: Union[Literal["all"], str, list[str]] = "all"
+    freeze_batchnorm: bool = True                            # BatchNorm layers keep their statistics (inference mode)
+    split: float = Field(default=0.5, gt=0, lt=1)            # fraction of the labelled images fine-tuned on (seeded,
+                                                             # class-stratified); the rest is held out for the verdict
+    # Stages run on the remedied model: auto = those the original run finished.
+    stages: Union[Literal["auto"], list[Literal["extract", "embed", "cluster", "probe", "maximize", "report"]]] = "auto"
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_spec(cls, v):
+        if isinstance(v, str) and v != "all":
+            if not v.startswith("last:") or not v[5:].isdigit() or int(v[5:]) < 1:
+                raise ValueError("must be all, last:K (K >= 1) or a list of layer names / glob patterns")
+        return v
+
+
 class Config(_Section):
     name: str = "run"
     out: Optional[str] = None
@@ -146,6 +174,7 @@ class Config(_Section):
     maximize: MaximizeConfig = MaximizeConfig()
     report: ReportConfig = ReportConfig()
     probe: ProbeConfig = ProbeConfig()
+    remedy: RemedyConfig = RemedyConfig()
     # Where the heavy stages run: this process (local) or a Dask cluster (dask). They give the
     # same arrays and tables; none of these keys is part of any stage's parameters.
     engine: Literal["local", "dask"] = "local"
