@@ -56,12 +56,14 @@ def _folder_dataset(data_cfg, size, channels, seed):
     classes = {"names": [images.printable(n) for n in images.list_classes(data_cfg.images)], "identity": True}
     keep = images.stratified_sample(candidates["label"].to_numpy(), data_cfg.limit, seed)
     candidates = candidates.iloc[keep].reset_index(drop=True)
+    hashes = {}
     good, failures = images.scan_images(candidates["path"].tolist(), (size[0], size[1]), channels,
-                                        max_pixels=data_cfg.max_pixels)
+                                        max_pixels=data_cfg.max_pixels, hashes=hashes)
     bad = pd.DataFrame([(candidates["path"].iloc[i], r) for i, r in failures], columns=SKIPPED_COLUMNS)
     dataset = candidates.iloc[sorted(good)].reset_index(drop=True)
     dataset.insert(0, "index", np.arange(len(dataset)))
     dataset.insert(3, "source_label", dataset["label"].to_numpy())
+    dataset["content_hash"] = pd.Series([hashes[i] for i in sorted(good)], dtype=object)
     return dataset, pd.concat([skipped.reindex(columns=SKIPPED_COLUMNS), bad], ignore_index=True), classes
 
 
@@ -70,7 +72,8 @@ def _npz_dataset(data_cfg, seed):
         source = data.y if data.y is not None else np.full(len(data), -1, dtype=np.int64)
         labels, classes = dense_labels(source, data.class_names)
         _, nonfinite = images.scan_npz(data)  # also refuses out-of-range values, before any model work
-    keep = images.stratified_sample(labels, data_cfg.limit, seed)
+        keep = images.stratified_sample(labels, data_cfg.limit, seed)
+        digests = np.array(images.npz_digests(data, keep[~nonfinite[keep]]), dtype=object)
     paths = np.array([f"{data_cfg.npz}#{i}" for i in keep], dtype=object)
     skipped = pd.DataFrame({"path": paths[nonfinite[keep]], "reason": "image array contains NaN or Inf"},
                            columns=SKIPPED_COLUMNS)
@@ -78,8 +81,61 @@ def _npz_dataset(data_cfg, seed):
     names = [classes["names"][code] if code >= 0 else None for code in labels[keep]]
     dataset = pd.DataFrame({"index": np.arange(len(keep)), "path": paths, "label": labels[keep],
                             "source_label": source[keep], "class_name": pd.Series(names, dtype=object),
-                            "source_index": keep})
+                            "source_index": keep, "content_hash": digests})
     return dataset, skipped, classes
+
+
+def recorded_hashes(dataset) -> np.ndarray:
+    """The ``content_hash`` of every row of a ``dataset.parquet``, computed from the recorded paths
+    for runs made before the column existed.
+
+    Parameters
+    ----------
+    dataset : pandas.DataFrame
+        ``path`` (a file, or ``<file.npz>#<row>``) and, for ``.npz`` runs, ``source_index``.
+
+    Returns
+    -------
+    numpy.ndarray of str (object)
+        :func:`~pipeline.inputs.images.file_digest` of each file, or
+        :func:`~pipeline.inputs.images.array_digest` of each ``.npz`` row.
+
+    Raises
+    ------
+    UserError
+        A recorded file can no longer be read (moved, deleted): the hash cannot be recomputed.
+    """
+    if "content_hash" in dataset.columns and dataset["content_hash"].notna().all():
+        return dataset["content_hash"].to_numpy(dtype=object)
+    paths = dataset["path"].astype(str).tolist()
+    if paths and all("#" in p and p.rsplit("#", 1)[1].isdigit() for p in paths):
+        npz = {p.rsplit("#", 1)[0] for p in paths}
+        if len(npz) == 1:
+            return _npz_hashes(npz.pop(), dataset, paths)
+    out = []
+    for p in paths:
+        try:
+            out.append(images.file_digest(p))
+        except OSError as e:
+            raise UserError(f"this run was made before dataset.parquet had a content_hash column, and its image "
+                            f"{p} can no longer be read ({e.strerror or e}) to compute it; rerun its extract "
+                            "stage (python -m pipeline extract RUN --force)") from None
+    return np.array(out, dtype=object)
+
+
+def _npz_hashes(npz, dataset, paths):
+    rows = (dataset["source_index"].to_numpy() if "source_index" in dataset.columns
+            else np.array([int(p.rsplit("#", 1)[1]) for p in paths]))
+    try:
+        with images.open_npz(npz) as data:
+            order = np.argsort(rows, kind="stable")
+            digests = np.empty(len(rows), dtype=object)
+            digests[order] = images.npz_digests(data, rows[order])
+            return digests
+    except (OSError, UserError) as e:
+        raise UserError(f"this run was made before dataset.parquet had a content_hash column, and its images "
+                        f"{npz} can no longer be read ({e}) to compute it; rerun its extract stage "
+                        "(python -m pipeline extract RUN --force)") from None
 
 
 def dense_labels(y, class_names=None):

@@ -16,6 +16,7 @@ changed here: with it on, half-downloaded files would silently load with grey bo
 """
 
 import errno
+import hashlib
 import math
 import os
 import re
@@ -559,11 +560,18 @@ def load_images(paths, size, channels, max_pixels=None, workers=None, progress=N
     return images[: len(positions)], positions, failures
 
 
-def scan_images(paths, size, channels, max_pixels=None, workers=None, progress=None):
+def scan_images(paths, size, channels, max_pixels=None, workers=None, progress=None, hashes=None):
     """Check that files decode, without keeping their pixels.
 
     Runs exactly the decoding of :func:`load_images` (so a file that passes here loads
     there) with memory that does not grow with ``len(paths)``.
+
+    Parameters
+    ----------
+    hashes : dict, optional
+        When given, filled with ``{position: content hash}`` (:func:`file_digest` of the file's
+        bytes, read right after it decoded, so the second read comes from the page cache) for
+        every usable image.
 
     Returns
     -------
@@ -573,22 +581,75 @@ def scan_images(paths, size, channels, max_pixels=None, workers=None, progress=N
         Position and reason of each file that would be skipped.
     """
     positions, failures = [], []
-    decoded = _decode_all(paths, size, channels, max_pixels, workers, progress, keep=False)
-    for position, _, reason in decoded:
+    decoded = _decode_all(paths, size, channels, max_pixels, workers, progress, keep=False,
+                          digest=hashes is not None)
+    for position, result, reason in decoded:
         if reason is None:
             positions.append(position)
+            if hashes is not None:
+                hashes[position] = result
         else:
             failures.append((position, reason))
     return positions, failures
 
 
-def _decode_all(paths, size, channels, max_pixels, workers, progress, keep):
-    """Yield ``(position, pixels or None, reason or None)`` in the order of ``paths``."""
+def file_digest(path) -> str:
+    """Content hash of a file: BLAKE2b (16 bytes) of its bytes, as 32 hex digits.
+
+    The ``content_hash`` of an image file in ``dataset.parquet``; two runs share an image when
+    their hashes are equal, whatever its path. Read 1 MiB at a time.
+
+    Raises
+    ------
+    OSError
+        When the file cannot be read.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def array_digest(image) -> str:
+    """Content hash of one image of an array (``.npz`` row): BLAKE2b (16 bytes) of its bytes as
+    stored (C order, its own dtype), as 32 hex digits."""
+    return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+
+
+def npz_digests(data, rows, nbytes=None) -> list:
+    """:func:`array_digest` of ``x[rows]`` of an open ``.npz``, reading about ``nbytes`` at a time.
+
+    Parameters
+    ----------
+    data : NpzImages
+    rows : array-like of int
+        Positions in ``x``; sorted ones read fastest (one pass over a compressed file).
+
+    Returns
+    -------
+    list of str
+    """
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    per_batch = max(1, (nbytes or SCAN_BYTES) // max(1, math.prod(data.shape[1:]) * data.dtype.itemsize))
+    out = []
+    for start in range(0, len(rows), per_batch):
+        out += [array_digest(image) for image in data.read(rows[start:start + per_batch])]
+    return out
+
+
+def _decode_all(paths, size, channels, max_pixels, workers, progress, keep, digest=False):
+    """Yield ``(position, pixels or digest or None, reason or None)`` in the order of ``paths``."""
     _check_target(size, channels)
 
     def attempt(path):
         try:
             pixels = _load(path, size, channels, max_pixels)
+            if digest:
+                try:
+                    return file_digest(path), None
+                except OSError as e:
+                    return None, f"cannot read file: {e.strerror or e}"
             return (pixels if keep else None), None
         except SkipInput as skip:
             return None, skip.reason

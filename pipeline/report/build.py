@@ -67,6 +67,7 @@ def build_report(run_dir, out_dir, *, title=None, options=None, log=None) -> Rep
     try:
         assets = Assets(root, data, options)
         site = Site(data, assets, options)
+        site.report_dir = target.resolve()  # where the pages will be: relative links to comparisons
         site.explorer = _explorer(site, root, options)
         pages = [index_page(site)]
         for layer in site.layers:

@@ -68,6 +68,7 @@ class ReportData:
     probe_examples: pd.DataFrame | None = None
     predictions: Predictions | None = None
     notes: list = field(default_factory=list)
+    comparisons: list = field(default_factory=list)  # comparisons.json: `python -m pipeline compare` folders
 
     @property
     def path(self) -> Path:
@@ -151,6 +152,8 @@ def load_report_data(run_dir, title=None) -> ReportData:
     for attr, name in OPTIONAL.items():
         setattr(data, attr, getattr(run, name))
     data.predictions = predictions(run, labels, classes)
+    listed = run.catalog.read("comparisons", default=None)
+    data.comparisons = [e for e in listed if isinstance(e, dict)] if isinstance(listed, list) else []
     return data
 
 

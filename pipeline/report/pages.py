@@ -145,8 +145,26 @@ def index_page(site):
     data = site.data
     ctx = {"summary": _summary(data), "stages": _stages(data), "skipped": _skipped(data),
            "layers": [_layer_row(site, l) for l in site.layers], "classes": _class_rows(site),
-           "figures": _index_figures(site), "bias": bias_section(site)}
+           "figures": _index_figures(site), "bias": bias_section(site), "comparisons": comparison_links(site)}
     return "index.html", "index.html", ctx
+
+
+def comparison_links(site) -> list:
+    """The comparisons made with this run (its ``comparisons.json``) whose page still exists, as relative
+    links from the report folder: ``[{"other", "role", "href", "created"}]``."""
+    import os
+
+    report_dir = getattr(site, "report_dir", None)
+    links = []
+    for entry in site.data.comparisons:
+        page = Path(str(entry.get("path", ""))) / "index.html"
+        if not entry.get("path") or not page.is_file():
+            continue
+        href = os.path.relpath(page, report_dir) if report_dir is not None else page.as_uri()
+        links.append({"other": str(entry.get("other_name") or entry.get("other") or "?"),
+                      "role": "A" if entry.get("role") == "a" else "B", "href": href.replace(os.sep, "/"),
+                      "created": str(entry.get("created") or "")})
+    return links
 
 
 def _summary(data):

@@ -16,6 +16,11 @@ Writes
                            exists; ``clusters.parquet`` itself is never modified — the report
                            joins, or calls ``pipeline.shortcuts.verdicts.cluster_sensitivity`` on the current
                            tables)
+``probe_predictions.parquet`` one row per (probed image, pass): ``index`` (dataset row), ``label``,
+                           ``probe`` (``original`` or the probe's name), ``group`` (``original``,
+                           ``colour``, ``texture``, ``shape``, ``context``), ``predicted`` (argmax
+                           output): the per-image outcomes behind the class tables, so that
+                           ``python -m pipeline compare`` can pair two runs image by image
 ``probes/``                ``examples.png`` (rows: example images; columns: original, each probe),
                            ``<probe>.png`` (the same examples under one probe), ``index.parquet``
 
@@ -36,7 +41,7 @@ from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.catalog import path as artifact_path
 from pipeline.storage.hashing import file_hash
 
-OUTPUTS = ("bias", "bias_verdicts", "probe_units", "probe_images")
+OUTPUTS = ("bias", "bias_verdicts", "probe_units", "probe_predictions", "probe_images")
 
 
 def _params(cfg):
@@ -122,9 +127,43 @@ def run(ctx):
     for r in verdicts.to_dict("records"):
         ctx.log(f"probe: {r['class_name']}: {r['verdict']} "
                 f"(effect {r['effect_size']:.2f} [{r['effect_ci_low']:.2f}, {r['effect_ci_high']:.2f}])")
+    per_image = prediction_table(dataset["index"].to_numpy()[rows], dataset["label"].to_numpy()[rows],
+                                 logits, probed, groups)
     return Outputs({"probe_units": unit_table, "bias": table, "bias_verdicts": verdicts,
-                    "probe_clusters": by_cluster, "probe_images": _example_files(examples, active, channels)},
+                    "probe_predictions": per_image, "probe_clusters": by_cluster,
+                    "probe_images": _example_files(examples, active, channels)},
                    summary)
+
+
+PREDICTION_COLUMNS = ["index", "label", "probe", "group", "predicted"]
+
+
+def prediction_table(index, labels, logits, probed, groups) -> pd.DataFrame:
+    """``probe_predictions``: one row per probed image and pass, the original first.
+
+    Parameters
+    ----------
+    index, labels : (n,) int
+        Dataset rows and class codes (-1 = unlabelled) of the probed images.
+    logits : (n, K) float
+        On the originals.
+    probed : dict
+        ``{probe name: (n, K) logits}``.
+    groups : dict
+        ``{probe name: group}``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns :data:`PREDICTION_COLUMNS`; ``predicted`` is the argmax output (read as a class only
+        where outputs are classes, as for the class tables).
+    """
+    parts = []
+    for name, z in {"original": logits, **probed}.items():
+        parts.append(pd.DataFrame({"index": np.asarray(index, np.int64), "label": np.asarray(labels, np.int64),
+                                   "probe": name, "group": "original" if name == "original" else groups[name],
+                                   "predicted": np.asarray(z).argmax(axis=1).astype(np.int64)}))
+    return pd.concat(parts, ignore_index=True)[PREDICTION_COLUMNS]
 
 
 def _model(ctx):

@@ -9,7 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.stages.base import Outputs, Stage
+from pipeline.storage.catalog import Catalog
 from pipeline.storage.hashing import file_hash
+from pipeline.storage.store import RunStore
 
 REPORT_PACKAGE = Path(__file__).resolve().parent.parent / "report"
 
@@ -21,7 +23,12 @@ def _params(cfg):
 
 def _inputs(cfg):
     # Templates and the stylesheet are code too: editing them makes the report stale.
-    return {"templates": file_hash(REPORT_PACKAGE / "templates"), "static": file_hash(REPORT_PACKAGE / "static")}
+    inputs = {"templates": file_hash(REPORT_PACKAGE / "templates"), "static": file_hash(REPORT_PACKAGE / "static")}
+    # A new comparison (`python -m pipeline compare`) makes the report stale, so the index links it.
+    registry = Catalog(RunStore(cfg.out_dir)).path("comparisons")
+    if registry.is_file():
+        inputs["comparisons"] = file_hash(registry)
+    return inputs
 
 
 def run(ctx):

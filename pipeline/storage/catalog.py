@@ -55,15 +55,41 @@ ARTIFACTS = (
     Artifact("bias_verdicts", "bias_verdicts.parquet", "table", "probe", "shortcut verdict per class"),
     Artifact("probe_units", "probe_units.parquet", "table", "probe", "each unit's sensitivity to each probe"),
     Artifact("probe_clusters", "probe_clusters.parquet", "table", "probe", "each cluster's sensitivity to each probe"),
+    Artifact("probe_predictions", "probe_predictions.parquet", "table", "probe",
+             "per probed image and probe (original included): label and predicted output"),
     Artifact("probe_examples", "probes/index.parquet", "table", "probe", "the probe example images"),
     Artifact("probe_images", "probes", "folder", "probe", "example images: original and each probe"),
     Artifact("maximize", "maximize/index.parquet", "table", "maximize", "one row per rendered image"),
     Artifact("maximize_images", "maximize", "folder", "maximize", "activation-maximization PNGs, partial indexes"),
     Artifact("report_summary", "report.json", "json", "report", "where the report was written, pages and sizes"),
+    Artifact("comparison_folders", "compare", "folder", "compare",
+             "default home of `python -m pipeline compare A B` folders (in B), one per run A"),
+    Artifact("comparisons", "comparisons.json", "json", "compare",
+             "comparisons made with this run (`python -m pipeline compare`): where they are"),
 )
 
 BY_NAME = {a.name: a for a in ARTIFACTS}
 TABLES = tuple(a.name for a in ARTIFACTS if a.kind == "table")
+
+#: The files of a comparison folder (``python -m pipeline compare RUN_A RUN_B``), read and written
+#: with ``Catalog(RunStore(folder), COMPARISON)``; the README's "Comparing two runs" says more.
+COMPARISON = (
+    Artifact("compare_summary", "compare.json", "json", "compare",
+             "both runs, the image matching (rule, counts, note), layer pairs, headline figures"),
+    Artifact("compare_cka", "cka.parquet", "table", "compare", "linear CKA of every layer of A x every layer of B"),
+    Artifact("compare_units", "units.parquet", "table", "compare",
+             "per unit of A: its best-matching unit of B (Pearson r) in the paired layer"),
+    Artifact("compare_clusters", "cluster_matches.parquet", "table", "compare",
+             "per neuron cluster of A: median best-match r of its members, counterpart in B or not"),
+    Artifact("compare_layers", "layer_curves.parquet", "table", "compare",
+             "per run and layer: probe / kNN accuracy and silhouette (from each run's layers table)"),
+    Artifact("compare_accuracy", "accuracy.parquet", "table", "compare",
+             "accuracy of A and B overall and per class on the matched images, paired difference"),
+    Artifact("compare_verdicts", "verdicts.parquet", "table", "compare",
+             "shortcut verdicts side by side, per class and cue: signal lost, difference, paired 95 % CI"),
+    Artifact("compare_figures", "img", "folder", "compare", "the comparison page's figures"),
+)
+COMPARISON_BY_NAME = {a.name: a for a in COMPARISON}
 
 
 def artifact(name) -> Artifact:
@@ -84,22 +110,30 @@ class Catalog:
     ----------
     store : pipeline.storage.store.RunStore
         The run directory's store (it does the atomic writes).
+    artifacts : sequence of Artifact, optional
+        The artifacts it knows; default those of a run directory (:data:`ARTIFACTS`), or
+        :data:`COMPARISON` for a comparison folder.
     """
 
-    def __init__(self, store):
+    def __init__(self, store, artifacts=None):
         self.store = store
+        self._by_name = BY_NAME if artifacts is None else {a.name: a for a in artifacts}
+
+    def _path(self, name, *parts) -> str:
+        base = self._by_name[name].path
+        return "/".join((base, *map(str, parts))) if parts else base
 
     def path(self, name, *parts):
         """Absolute path of an artifact (or of a file inside a folder artifact)."""
-        return self.store.path(path(name, *parts))
+        return self.store.path(self._path(name, *parts))
 
     def exists(self, name, *parts) -> bool:
-        return self.store.exists(path(name, *parts))
+        return self.store.exists(self._path(name, *parts))
 
     def read(self, name, default=None):
         """A table as a DataFrame, JSON as Python objects, the zarr store as a read-only group;
         ``default`` when the artifact is absent."""
-        a = BY_NAME[name]
+        a = self._by_name[name]
         if not self.store.exists(a.path):
             return default
         if a.kind == "table":
@@ -114,14 +148,14 @@ class Catalog:
         """Like :meth:`read`, with a one-line error naming the stage to run when it is absent."""
         value = self.read(name)
         if value is None:
-            a = BY_NAME[name]
+            a = self._by_name[name]
             raise UserError(f"{self.store.root} has no {a.path} yet{why}: run the {a.stage} stage first")
         return value
 
     def write(self, name, value) -> None:
         """Write an artifact atomically: a table (DataFrame), JSON, or a whole folder
         (``{relative path: bytes}``, built beside it and published by one rename)."""
-        a = BY_NAME[name]
+        a = self._by_name[name]
         if a.kind == "table":
             self.store.write_table(a.path, value)
         elif a.kind == "json":
@@ -140,10 +174,10 @@ class Catalog:
 
     def write_bytes(self, name, relative, data: bytes) -> None:
         """Write one file inside folder artifact ``name`` atomically (a PNG, a partial index)."""
-        self.store.write_bytes(path(name, relative), data)
+        self.store.write_bytes(self._path(name, relative), data)
 
     def remove(self, name, *parts) -> None:
-        self.store.remove(path(name, *parts))
+        self.store.remove(self._path(name, *parts))
 
     def stage_record(self, stage) -> dict:
         """What the manifest recorded for ``stage`` (status, hashes, summary), or ``{}``."""
