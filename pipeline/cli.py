@@ -72,6 +72,29 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", metavar="RUN_DIR")
     ex.add_argument("--layer", required=True, help="layer name (see manifest or `status`)")
     ex.add_argument("--out", help="output folder (default RUN_DIR/projector/<layer>)")
+    cp = sub.add_parser("compare", help="compare two runs over the same images (two models, before/after a fix)",
+                        description="Compare two run directories over the same images: cross-model CKA, "
+                                    "best-matching units, clusters with a counterpart, per-layer accuracy curves, "
+                                    "accuracy and shortcut verdicts with paired 95 % intervals (B - A). Writes "
+                                    "tables and an offline page.")
+    cp.add_argument("run_a", metavar="RUN_A")
+    cp.add_argument("run_b", metavar="RUN_B")
+    cp.add_argument("--out", help="comparison folder (default RUN_B/compare/<name of A>-<hash>)")
+    cp.add_argument("--seed", type=int, default=0, help="seeds the CKA sample and the bootstraps (default 0)")
+    cp.add_argument("--min-overlap", type=float, default=0.5, metavar="SHARE",
+                    help="share of the smaller run's images that must be in both (default 0.5); "
+                         "fewer is refused, more but not all compares on the intersection")
+    rm = sub.add_parser("remedy", help="fine-tune a copy of the model against its flagged shortcut, re-analyse, compare",
+                        description="For a Keras model whose shortcut finder (probe stage) flagged colour or texture "
+                                    "reliance: fine-tune a copy with counterfactual augmentation on a seeded split of "
+                                    "the labelled images, save it as RUN/remedy/model.keras, run the pipeline on it "
+                                    "over the same images and write the before -> after page (settings: remedy: in "
+                                    "the config). The model file given is never modified.")
+    rm.add_argument("target", metavar="RUN_DIR_OR_CONFIG")
+    rm.add_argument("--out", help="the remedied run directory (default RUN_DIR/remedy)")
+    rm.add_argument("--force", action="store_true", help="fine-tune again and rerun every stage of the remedied run")
+    rm.add_argument("--trust-model", action="store_true",
+                    help="allow Lambda layers / custom objects (runs code from the model file)")
     return p
 
 
@@ -247,6 +270,29 @@ def cmd_export(args):
     print(f"projector files: {folder}  (tensorboard --logdir {folder})")
 
 
+def cmd_compare(args):
+    from pipeline.compare import compare_runs
+
+    if not 0 < args.min_overlap <= 1:
+        raise UserError("--min-overlap must be in (0, 1]")
+    result = compare_runs(args.run_a, args.run_b, args.out, seed=args.seed, min_overlap=args.min_overlap)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"comparison: {result.out}")
+    print(f"page: {result.page}")
+
+
+def cmd_remedy(args):
+    from pipeline.remedy.run import remedy
+
+    cfg = _config_from(args)
+    summary = remedy(cfg, out=args.out, force=args.force, debug=args.debug)
+    if summary is not None:
+        print(f"remedied model: {summary['model']}")
+        print(f"remedied run directory: {summary['remedied_run']}")
+        print(f"before -> after: {Path(summary['page']).resolve()}")
+
+
 def cmd_demo(args):
     from pipeline.demo.run import run_demo
 
@@ -254,6 +300,8 @@ def cmd_demo(args):
 
 
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "layers": cmd_layers, "demo": cmd_demo, "export": cmd_export,
+            "remedy": cmd_remedy,
+            "compare": cmd_compare,
             **{s: cmd_stage for s in STAGE_NAMES}}
 
 
