@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
     np.savez(root / "other.npz", x=other, y=y[:60], class_names=np.array(CLASS_NAMES))
     a, b = trained(shortcut=1.0, seed=0), trained(shortcut=0.5, seed=1)
     return {"root": root, "a": analyse(root, "colour", a, root / "images.npz"),
-            "b": analyse(root, "control", b, root / "images.npz"),
+            "b": analyse(root, "control", b, root / "images.npz", stages=("extract", "probe")),  # no clusters
             "model_a": a}
 
 
@@ -193,8 +193,10 @@ def test_the_comparison_is_written_to_run_b_and_registered_in_both_runs(cross_co
     for run in (runs["a"], runs["b"]):
         listed = json.loads((run / "comparisons.json").read_text())
         assert str(out.resolve()) in [e["path"] for e in listed]
-    curves = cross_compare.layers
-    assert set(curves["run"]) == {"a", "b"} and curves["probe_accuracy"].notna().all()
+    curves = cross_compare.layers.set_index("run")
+    assert curves.loc["a", "probe_accuracy"].notna().all()
+    assert curves.loc["b", "probe_accuracy"].isna().all()  # B's cluster stage did not run: not computed
+    assert (cross_compare.clusters["cluster_b"] == -1).all()  # nor are B's clusters known
 
 
 def test_the_page_is_offline_and_escapes_hostile_names(cross_compare):
@@ -210,11 +212,11 @@ def test_the_report_of_a_compared_run_links_the_comparison(cross_compare, runs):
     from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
-    cfg = make_config(json.loads((runs["b"] / "manifest.json").read_text())["config"] | {"out": str(runs["b"])})
+    cfg = make_config(json.loads((runs["a"] / "manifest.json").read_text())["config"] | {"out": str(runs["a"])})
     Runner(cfg, all_stages()).run(only="report")
-    index = (runs["root"] / "reports" / "control" / "index.html").read_text()
-    href = os.path.relpath(cross_compare.page, runs["root"] / "reports" / "control")
-    assert f'href="{href}"' in index and "colour" in index
+    index = (runs["root"] / "reports" / "colour" / "index.html").read_text()
+    href = os.path.relpath(cross_compare.page, runs["root"] / "reports" / "colour")
+    assert f'href="{href}"' in index and "this run (A) vs control" in index
 
 
 # --------------------------------------------------------------------------- which images
