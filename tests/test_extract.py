@@ -142,3 +142,76 @@ def test_nan_outputs_are_reported_per_layer(tmp_path, folder, capsys):
     run = load_run(tmp_path / "run")
     assert run.arrays.attrs["nonfinite"]["broken"] > 0
     assert run.arrays.attrs["nonfinite"]["conv"] == 0
+
+
+# --------------------------------------------------------------------------- the batch loop
+
+
+def test_the_loop_reports_every_step_to_an_observer_and_nothing_without_one(tmp_path, folder):
+    """``observe`` sees each batch loaded, run and each chunk group written and recorded, in order."""
+    from pipeline.extraction.loop import observe
+
+    config = write_config(tmp_path, zoo.save(zoo.sequential(), tmp_path / "m", "keras"), folder,
+                          extract={"batch_size": 5, "chunk_rows": 10})  # 12 images: batches 5+5+2, groups 10+2
+    events = []
+    with observe(events.append):
+        assert main(["run", str(config), "--only", "extract"]) == 0
+    steps = [e.step for e in events]
+    assert steps[0] == "start" and steps[-1] == "loop"
+    assert [e.rows for e in events if e.step == "forward"] == [5, 5, 2]
+    assert [e.rows for e in events if e.step == "load"] == [5, 5, 2]
+    assert [(e.group, e.rows) for e in events if e.step == "write"] == [(0, 10), (1, 2)]
+    assert [e.group for e in events if e.step == "record"] == [0, 1]
+    loop = events[-1]
+    assert all(loop.start <= e.start <= e.end <= loop.end for e in events)
+    assert {e.thread.split("_")[0] for e in events if e.step in ("write", "record")} == {"extract-writer"}
+    assert all(e.cpu > 0 for e in events)
+    assert main(["run", str(config), "--only", "extract", "--force"]) == 0  # outside: no more events
+    assert len(events) == len(steps)
+
+
+@pytest.mark.parametrize("dtype,row_shape", [("float32", (7,)), ("float16", (3, 5)), ("uint8", (4, 4, 3)),
+                                             ("int32", (2, 2))])
+def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_shape):
+    """The writer's direct chunk files equal zarr's own, whole chunks and the padded last one."""
+    import zarr
+
+    from pipeline.extraction.loop import chunk_files, create_array
+
+    n, rows = 10, 4  # chunks of 4, 4 and 2 rows
+    value = np.random.default_rng(0).integers(0, 100, (n, *row_shape)).astype(dtype)
+    stores = {}
+    for how in ("zarr", "direct"):
+        root = zarr.open_group(str(tmp_path / how), mode="w")
+        array = create_array(root, "layer/mean", (n, *row_shape), rows, dtype)
+        if how == "zarr":
+            for start in range(0, n, rows):
+                array.with_config({"write_empty_chunks": True})[start:start + rows] = value[start:start + rows]
+        else:
+            put = chunk_files(array)
+            put(0, value[:8])
+            put(8, value[8:])
+        stores[how] = root
+    files = sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr" / "layer" / "mean").rglob("*")
+                   if p.is_file())
+    assert len(files) == 4  # zarr.json and three chunks
+    for f in files:
+        assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "zarr" / f).read_bytes(), f
+    assert np.array_equal(stores["direct"]["layer/mean"][:], value)
+    assert not list((tmp_path / "direct").rglob("*.partial"))
+
+
+def test_arrays_of_another_layout_are_written_through_zarr(tmp_path):
+    import zarr
+
+    from pipeline.extraction.loop import chunk_files
+
+    root = zarr.open_group(str(tmp_path / "z"), mode="w")
+    gzip = root.create_array("a", shape=(8, 2), chunks=(4, 2), dtype="float32",
+                             compressors=zarr.codecs.GzipCodec())
+    assert chunk_files(gzip) is None
+    memory = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    assert chunk_files(memory.create_array("a", shape=(8, 2), chunks=(4, 2), dtype="float32")) is None
+    with pytest.raises(ValueError, match="chunk boundary"):
+        chunk_files(root.create_array("b", shape=(8, 2), chunks=(4, 2), dtype="float32",
+                                      compressors=zarr.codecs.ZstdCodec(level=1)))(2, np.zeros((2, 2), "float32"))

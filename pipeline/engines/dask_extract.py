@@ -269,8 +269,5 @@ def extract_shard(job, model_key, groups, stamp):
 
         # The local engine's loop (pipeline.extraction.loop), only the record of a finished group differs.
         writer = ChunkWriter(root, record, data.n, X.chunk_rows(sess.cfg.extract))
-        try:
-            stream_groups(sess.run_batch, data.load, data.groups, todo, data.n, sess.cfg.extract.batch_size, writer)
-        finally:
-            writer.close()
+        stream_groups(sess.run_batch, data.load, data.groups, todo, data.n, sess.cfg.extract.batch_size, writer)
     return [(g, results[g]) for g in groups]

@@ -53,9 +53,8 @@ def stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     bar = progress_bar(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",
                        desc="extract")
     try:
-        stream_groups(run_batch, load, groups, todo, n, ex.batch_size, writer, bar.update)
+        stream_groups(run_batch, load, groups, todo, n, ex.batch_size, writer, bar.update)  # closes the writer
     finally:
-        writer.close()
         bar.close()
 
 

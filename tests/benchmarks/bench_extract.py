@@ -11,10 +11,10 @@ layers of 64-128 channels + a dense head; ``layers: auto`` taps all eight, mean 
 1. Throughput. The baseline is ``tf.function`` of the same model over the same uint8 batches,
    already tensors in memory (cast and scaled inside the function, only the logits' ``.numpy()``
    taken). Our side is the real code path, ``Runner(cfg, all_stages()).run(only="extract")``,
-   from an ``.npz`` and from a folder of PNGs holding the same pixels. The stage is instrumented,
-   not changed: the forward function it builds (``make_forward`` as the stage module imports it),
-   ``pixel_loader``, zarr chunk writes and progress-file writes are wrapped with timers, and the
-   batch loop is timed by the stage's own progress bar. The headline rate is the *loop* rate:
+   from an ``.npz`` and from a folder of PNGs holding the same pixels. Nothing in the stage is
+   wrapped or replaced: it runs inside ``pipeline.extraction.loop.observe(probe)``, and its batch
+   loop reports each step (load, prepare, forward, write, record, the waits between them) with wall
+   and process CPU times. The headline rate is the *loop* rate:
    from the end of the first forward call (model load, dataset check and the first trace are
    excluded) to the end of the loop (the last chunk on disk), over the images after the first
    batch. The whole-stage time is reported too.
@@ -22,12 +22,17 @@ layers of 64-128 channels + a dense head; ``layers: auto`` taps all eight, mean 
    repeat; the table gives medians, and ratios are the median of the per-repeat ratios (each
    against the baseline measured next to it). Wall time is the target; process CPU time (all
    threads) is printed beside it, with the load average and the CPU time other processes took
-   during the repeats (from ``/proc/stat``): a busy machine moves wall-clock rates a lot.
+   during the repeats (from ``/proc/stat``): a busy machine moves wall-clock rates a lot, and in
+   our favour (the bare pass keeps both cores busy and loses more to other processes than the
+   loop does), so the >= 0.9 target is judged on the idle repeats only (other processes under
+   0.15 cores); the all-repeats ratio is printed as information.
 2. Where the time goes. Probes on the same in-memory batches split the gap between the bare
    forward and the extraction loop: the uint8 -> float conversion, tapping every layer, the
    mean/max reductions alone (on feature maps computed beforehand), the copies back, the stage's
-   compiled forward alone, the loader alone (``.npz`` read, PNG decode) and the zarr write of
-   one chunk group alone.
+   compiled forward alone (with and without XLA on its summaries), the loader alone (``.npz``
+   read, PNG decode) and the zarr write of one chunk group alone; the loop's own events say how
+   long the device thread waited for the loader and the writer. A bare forward with XLA on the
+   whole model is measured too, and the loop's ratio against it printed beside the headline.
 3. Peak RSS at N and 4N. A fresh interpreter runs the stage on an image FOLDER (the streaming
    path) and reports its own ``ru_maxrss`` at exit. That peak is set by importing TensorFlow,
    so the peak during the batch loop alone (VmHWM reset through ``/proc/self/clear_refs`` when
@@ -117,112 +122,59 @@ def folder_bytes(folder):
     return sum(p.stat().st_size for p in Path(folder).rglob("*.png"))
 
 
-# --------------------------------------------------------------------------- instrumentation
+# --------------------------------------------------------------------------- observation
 
 
 class Probe:
-    """Timers wrapped around the extract stage's own functions (its code is not changed)."""
+    """What one extract stage run did, from the events of :func:`pipeline.extraction.loop.observe`.
+
+    The stage runs unchanged: the loop reports its own steps (load, prepare, forward, write,
+    record, the waits between them) with wall and process CPU times. At the loop's ``start``
+    event this process's peak RSS is reset, at its ``loop`` event (the last chunk on disk) read.
+    """
 
     def __init__(self):
-        self.calls = []          # (t0, t1, rows, process CPU at t1) of each forward call (main thread)
-        self.loop = None         # (t0, t1, process CPU at t1) of the batch loop (the stage's progress bar)
-        self.zarr = []           # (t0, t1) of each zarr chunk write (writer thread)
-        self.progress = []       # (t0, t1) of each extract.progress.json write (writer thread)
-        self.load = []           # seconds of each batch load (loader thread)
+        self.events = []
         self.rss_before_loop_kb = None
         self.loop_hwm_kb = None  # peak RSS during the batch loop only (VmHWM reset at its start)
 
+    def __call__(self, event):
+        if event.step == "start":  # in the loop's own thread, before the first batch is loaded
+            self.rss_before_loop_kb = harness.peak_kb()
+            harness.reset_peak_rss()
+        elif event.step == "loop":
+            self.loop_hwm_kb = harness.status_kb("VmHWM")
+        self.events.append(event)
+
+    def steps(self, name, after=None):
+        return [e for e in self.events if e.step == name and (after is None or e.start >= after)]
+
     def summary(self, n):
         """Per-run figures over the loop after the first forward call (which includes the trace)."""
-        first_end, first_cpu = self.calls[0][1], self.calls[0][3]
-        l0, l1, l1_cpu = self.loop
-        images, seconds = n - self.calls[0][2], l1 - first_end
-        fwd = [c[1] - c[0] for c in self.calls[1:]]
-        after = [t1 - t0 for t0, t1 in self.zarr if t0 >= first_end]
+        forwards = self.steps("forward")
+        first, (loop,) = forwards[0], self.steps("loop")
+        images, seconds = n - first.rows, loop.end - first.end
+
+        def total(name):
+            return sum(e.end - e.start for e in self.steps(name, after=first.end))
+
+        fwd = [e.end - e.start for e in forwards[1:]]
         return {
-            "rate": images / seconds, "seconds": seconds, "cpu_per_img": (l1_cpu - first_cpu) / images,
-            "batches": len(fwd), "first_call_s": first_end - l0, "loop_s": l1 - l0,
+            "rate": images / seconds, "seconds": seconds, "cpu_per_img": (loop.cpu - first.cpu) / images,
+            "batches": len(fwd), "first_call_s": first.end - loop.start, "loop_s": loop.end - loop.start,
             "fwd_s": sum(fwd), "fwd_median_s": statistics.median(fwd) if fwd else 0.0,
-            "zarr_s": sum(after), "n_zarr": len(after),
-            "progress_s": sum(t1 - t0 for t0, t1 in self.progress if t0 >= first_end),
-            "load_s": sum(self.load[1:]),
+            "write_s": total("write"), "n_write": len(self.steps("write", after=first.end)),
+            "record_s": total("record"), "load_s": total("load"), "prepare_s": total("prepare"),
+            "wait_load_s": total("wait-load"), "wait_write_s": total("wait-write"),
+            # The last group is written after the last forward: the device waits for it.
+            "tail_s": loop.end - forwards[-1].end,
         }
-
-
-def _timed_forward(make_forward, probe):
-    def make(*a, **k):
-        run = make_forward(*a, **k)
-
-        def timed(pixels, positions=(), valid=None):
-            t0 = time.perf_counter()
-            out = run(pixels, positions, valid)
-            probe.calls.append((t0, time.perf_counter(), int(len(pixels) if valid is None else valid),
-                                time.process_time()))
-            return out
-
-        return timed
-
-    return make
-
-
-def _timed_loader(pixel_loader, probe):
-    def make(*a, **k):
-        load = pixel_loader(*a, **k)
-
-        def timed(rows):
-            t0 = time.perf_counter()
-            out = load(rows)
-            probe.load.append(time.perf_counter() - t0)
-            return out
-
-        return timed
-
-    return make
-
-
-@contextlib.contextmanager
-def instrumented(probe):
-    """Wrap the stage's forward, loader, zarr writes and progress writes with ``probe``'s timers."""
-    import zarr
-
-    from pipeline.stages import extract
-    from pipeline.storage.store import RunStore
-
-    orig = extract.make_forward, extract.pixel_loader, zarr.Array.__setitem__, RunStore.write_json
-
-    def setitem(self, key, value):
-        t0 = time.perf_counter()
-        orig[2](self, key, value)
-        probe.zarr.append((t0, time.perf_counter()))
-
-    def write_json(self, name, obj):
-        t0 = time.perf_counter()
-        orig[3](self, name, obj)
-        if name == extract.PROGRESS:
-            probe.progress.append((t0, time.perf_counter()))
-
-    def loop_opens():  # the bar opens just before the first batch is loaded
-        probe.rss_before_loop_kb = harness.peak_kb()
-        harness.reset_peak_rss()
-        probe.loop = (time.perf_counter(), None, None)
-
-    def loop_closed():  # ... and closes after the last chunk write finished
-        probe.loop = (probe.loop[0], time.perf_counter(), time.process_time())
-        probe.loop_hwm_kb = harness.status_kb("VmHWM")
-
-    extract.make_forward = _timed_forward(orig[0], probe)
-    extract.pixel_loader = _timed_loader(orig[1], probe)
-    zarr.Array.__setitem__, RunStore.write_json = setitem, write_json
-    try:
-        with harness.watch_progress("extract", on_open=loop_opens, on_close=loop_closed):
-            yield probe
-    finally:
-        extract.make_forward, extract.pixel_loader, zarr.Array.__setitem__, RunStore.write_json = orig
 
 
 def run_extract(raw_cfg, quiet=True):
     """One extract stage through the runner, as ``python -m pipeline extract`` does; returns (seconds, Probe)."""
     from pipeline.config import make_config
+    from pipeline.extraction.loop import observe
     from pipeline.orchestration.runner import Runner
     from pipeline.stages import all_stages
 
@@ -230,7 +182,7 @@ def run_extract(raw_cfg, quiet=True):
     shutil.rmtree(cfg.out_dir, ignore_errors=True)
     probe = Probe()
     sink = io.StringIO()
-    with instrumented(probe), (contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()):
+    with observe(probe), (contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()):
         t0 = time.perf_counter()
         Runner(cfg, all_stages()).run(only="extract")
         seconds = time.perf_counter() - t0
@@ -267,6 +219,14 @@ def measure(fn):
     return result
 
 
+IDLE = 0.15  # cores other processes may use in a repeat that counts as idle
+
+
+def idle_repeat(results, r):
+    """Did other processes use less than ``IDLE`` cores during repeat ``r``?"""
+    return others(results, r)[0] < IDLE
+
+
 def others(results, r):
     """CPU cores other processes used during repeat ``r`` (machine busy time minus ours, over its wall
     time; whole repeats, as ``/proc/stat`` counts in 10 ms ticks)."""
@@ -278,11 +238,12 @@ def others(results, r):
 # --------------------------------------------------------------------------- the baseline and the probes
 
 
-def make_bare(model_path, float_input=False):
+def make_bare(model_path, float_input=False, jit=False):
     """The baseline: the model in a ``tf.function``, uint8 batches cast and scaled inside.
 
     With ``float_input`` the batches arrive as float32 already scaled: the difference is the
-    cost of the uint8 -> float conversion.
+    cost of the uint8 -> float conversion. With ``jit`` the whole model is compiled by XLA (the
+    stage compiles only its summaries with XLA; this shows why not the model too).
     """
     import keras
     import tensorflow as tf
@@ -292,7 +253,7 @@ def make_bare(model_path, float_input=False):
         return tf.function(lambda x: model(x, training=False),
                            input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.float32)])
 
-    @tf.function(input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.uint8)])
+    @tf.function(input_signature=[tf.TensorSpec((None, SIZE, SIZE, 3), tf.uint8)], jit_compile=jit)
     def bare(pixels):
         return model(tf.cast(pixels, tf.float32) * (1.0 / 255.0), training=False)
 
@@ -314,19 +275,26 @@ class StageParts:
     def __init__(self, model_path, cfg_raw, n):
         import tensorflow as tf
 
+        from pipeline.config import make_config, parse_scale
+        from pipeline.extraction import plan
+        from pipeline.extraction.forward import make_forward
+        from pipeline.extraction.loop import BatchRunner
         from pipeline.inputs.autolayers import choose
-        from pipeline.config import make_config
         from pipeline.inputs.models import load_model
-        from pipeline.stages import extract
 
         self.cfg = make_config(cfg_raw)
         self.model = load_model(model_path)
         self.names = [name for name, _ in choose(self.model, "auto")]
-        self.kinds = extract.layer_kinds(self.model, self.names)
+        self.kinds = plan.layer_kinds(self.model, self.names)
         self.n = n
         # Exactly what the stage runs per batch (thumbnails, padding, copies back included).
-        self.run_batch = extract._batch_runner(self.cfg, self.model, self.names, self.kinds, (SIZE, SIZE))
+        self.run_batch = plan.batch_runner(self.cfg, self.model, self.names, self.kinds, (SIZE, SIZE))
         extractor = self.model.build_extractor(self.names)
+        # The same without XLA on the summaries (the stage's fallback): what fusing them saves.
+        ex = self.cfg.extract
+        self.run_batch_nojit = BatchRunner(
+            make_forward(extractor, self.kinds, ex.reduce, parse_scale(self.cfg.data.scale), ex.dtype, jit=False),
+            ex.batch_size, thumbnails_as_is=True)
         maps = [i for i, name in enumerate(self.names) if self.kinds[name] == "map"]
 
         def inputs(pixels):
@@ -338,10 +306,12 @@ class StageParts:
         # The stage's reductions (pipeline.extraction.forward) on maps computed beforehand.
         self.reduce = tf.function(lambda ys: [r(y, axis=[1, 2]) for y in ys for r in (tf.reduce_mean, tf.reduce_max)])
 
-    def forward_pass(self, batches):
+    def forward_pass(self, batches, jit=True):
+        run_batch = self.run_batch if jit else self.run_batch_nojit
+
         def run():
             for i, b in enumerate(batches):
-                self.run_batch(b, i * BATCH, self.n)
+                run_batch(b, i * BATCH, self.n)
 
         return run
 
@@ -384,7 +354,7 @@ def group_write_pass(run_dir, tmp):
     """Write the first stored chunk group of ``run_dir`` again, alone, the way the stage's writer does."""
     import zarr
 
-    from pipeline.extraction.loop import loop as extraction
+    from pipeline.extraction import loop as extraction
 
     source = zarr.open_group(str(Path(run_dir) / "activations.zarr"), mode="r")
     keys = sorted(k for k, v in source.members(max_depth=None) if isinstance(v, zarr.Array))
@@ -418,7 +388,7 @@ def child_main(cfg_json):
     seconds, probe = run_extract(raw)
     harness.emit({"peak_kb": harness.peak_kb(), "before_loop_kb": probe.rss_before_loop_kb,
                   "loop_peak_kb": probe.loop_hwm_kb, "after_import_kb": AFTER_IMPORT_KB,
-                  "seconds": seconds, "images": sum(c[2] for c in probe.calls)})
+                  "seconds": seconds, "images": sum(e.rows for e in probe.steps("forward"))})
 
 
 def measure_rss(raw_cfg, tmp, tag):
@@ -507,13 +477,16 @@ def run_all(tf, tmp, n, rss_n, repeats):
     tensors = [tf.constant(b) for b in arrays]
     floats = [tf.constant(b.astype("float32") / np.float32(255)) for b in arrays]
     bare, bare_float = make_bare(model_path), make_bare(model_path, float_input=True)
+    bare_xla = make_bare(model_path, jit=True)
     parts = StageParts(model_path, cfg_npz, n)
     passes = {
         "bare": over(tensors, lambda b: bare(b).numpy()),
+        "bare_xla": over(tensors, lambda b: bare_xla(b).numpy()),
         "bare_float": over(floats, lambda b: bare_float(b).numpy()),
         "taps": over(tensors, lambda b: parts.taps(b).numpy()),
         "reductions": parts.reductions_pass(tensors),
         "stage_forward": parts.forward_pass(arrays),
+        "stage_forward_nojit": parts.forward_pass(arrays, jit=False),
         "load_npz": loader_pass(cfg_npz),
         "load_folder": loader_pass(cfg_dir),
         "npz": lambda: stage_figures(cfg_npz, n),
@@ -546,7 +519,7 @@ def run_all(tf, tmp, n, rss_n, repeats):
 
 
 def stage_figures(raw_cfg, n):
-    """One instrumented stage run: its loop figures plus the whole stage's seconds."""
+    """One observed stage run: its loop figures plus the whole stage's seconds."""
     seconds, probe = run_extract(raw_cfg)
     return {"stage_s": seconds, **probe.summary(n)}
 
@@ -586,14 +559,32 @@ def headline_rows(results, n, max_diff, rss, rss_n):
     cpu = {k: paired(res, k, "cpu_per_img", base_key="c") for k in per_img}
     whole = {k: statistics.median(b["wall"] / r["stage_s"] for r, b in zip(results[k], results["bare"]))
              for k in per_img}
+    # Other processes on the machine slow the bare pass (both cores busy) more than the loop (which
+    # has idle moments to give away): on a busy machine the ratio flatters us. The target is judged
+    # on the repeats in which other processes used under IDLE cores, if any.
+    idle = [r for r in range(len(results["bare"])) if idle_repeat(results, r)]
+    wall_idle = (statistics.median(bare[r]["t"] / per_img["npz"][r]["t"] for r in idle) if idle else None)
+    fwd_idle = (statistics.median(results["bare"][r]["wall"] / results["stage_forward"][r]["wall"] for r in idle)
+                if idle else None)
+    xla = [dict(r, t=r["wall"] / n) for r in results["bare_xla"]]
+    vs_xla = statistics.median(b["t"] / r["t"] for r, b in zip(per_img["npz"], xla))
+    cores = {k: statistics.median(r["cpu_per_img"] * (n - BATCH) / r["seconds"] for r in results[k]) for k in per_img}
+    cores["bare"] = statistics.median(r["cpu"] / r["wall"] for r in results["bare"])
     a, b = (r["peak_kb"] / 1024 for r in rss)
     a2, b2 = (r["loop_peak_kb"] / 1024 if r["loop_peak_kb"] else float("nan") for r in rss)
     return [
         ("bare compiled forward, pixels in memory (img/s) [range]", rate("bare"), "", ""),
         ("extract, .npz, the stage's loop (img/s)", rate("npz"), "", ""),
         ("extract, PNG folder, the stage's loop (img/s)", rate("folder"), "", ""),
-        ("extract vs bare, .npz: wall", f"{wall['npz']:.2f}x", ">=0.9", ok(wall["npz"] >= 0.9)),
+        (f"extract vs bare, .npz: wall, idle repeats only ({len(idle)} of {len(bare)})",
+         f"{wall_idle:.2f}x" if idle else "none idle", ">=0.9", ok(wall_idle >= 0.9) if idle else "n/a"),
+        ("  stage forward alone vs bare, idle repeats", f"{fwd_idle:.2f}x" if idle else "none idle", "(info)", ""),
+        ("  extract vs bare, .npz: wall, every repeat (busy ones flatter it)", f"{wall['npz']:.2f}x", "(info)", ""),
         ("  same, process CPU time per image", f"{cpu['npz']:.2f}x", "(info)", ""),
+        ("  CPU cores busy (process CPU / wall): bare / extract .npz", f"{cores['bare']:.2f} / {cores['npz']:.2f}",
+         "(info)", ""),
+        ("  bare forward with XLA on the whole model (img/s) [range]", rate("bare_xla"), "(info)", ""),
+        ("  extract .npz vs that XLA bare: wall", f"{vs_xla:.2f}x", "(info)", ""),
         ("extract vs bare, PNG folder (decoding): wall / CPU", f"{wall['folder']:.2f}x / {cpu['folder']:.2f}x",
          "(info)", ""),
         ("whole stage vs bare, npz / folder (load, scan, trace)", f"{whole['npz']:.2f}x / {whole['folder']:.2f}x",
@@ -626,21 +617,34 @@ def time_steps(results, n, group):
     dir_cpu = 1e3 * med(results, "folder", "cpu_per_img") * BATCH
     bare_w, bare_c = per_batch("bare"), per_batch("bare", "cpu")
     fwd_w, fwd_c = per_batch("stage_forward"), per_batch("stage_forward", "cpu")
+    nojit_w, nojit_c = per_batch("stage_forward_nojit"), per_batch("stage_forward_nojit", "cpu")
+
+    def in_loop(key, name="npz"):  # a step's total in the loop, per batch
+        return 1e3 * med(results, name, key) / loop_b
     return [
         ("bare forward: uint8 batch in, logits out", bare_w, bare_c),
         ("  uint8 -> float32 conversion (bare minus bare on floats)",
          bare_w - per_batch("bare_float"), bare_c - per_batch("bare_float", "cpu")),
         ("  tapping 8 layers, logits before softmax (taps minus bare)",
          per_batch("taps") - bare_w, per_batch("taps", "cpu") - bare_c),
-        ("mean + max of the 7 maps alone (maps computed beforehand)", per_batch("reductions", "reduce_s"), None),
+        ("mean + max of the 7 maps alone, no XLA (maps computed beforehand)",
+         per_batch("reductions", "reduce_s"), None),
         ("copies back: .numpy() of the 14 reduced arrays", per_batch("reductions", "copy_s"), None),
-        ("stage forward alone (_batch_runner: taps, reductions, checks, copies)", fwd_w, fwd_c),
+        ("stage forward alone (plan.batch_runner: taps, XLA summaries, copies)", fwd_w, fwd_c),
         ("  minus bare", fwd_w - bare_w, fwd_c - bare_c),
+        ("  the same without XLA on the summaries, minus bare", nojit_w - bare_w, nojit_c - bare_c),
         ("extraction loop, .npz, per batch", npz_wall, npz_cpu),
         ("  minus stage forward alone (loader, writer, Python)", npz_wall - fwd_w, npz_cpu - fwd_c),
-        ("  forward calls inside the loop (median)", 1e3 * med(results, "npz", "fwd_median_s"), None),
-        ("  main thread outside forward calls (waits, Python)",
+        ("  forward calls inside the loop (mean)", in_loop("fwd_s"), None),
+        ("  device thread outside forward calls (waits, Python)",
          1e3 * (med(results, "npz", "seconds") - med(results, "npz", "fwd_s")) / loop_b, None),
+        ("    of which waiting for the loader", in_loop("wait_load_s"), None),
+        ("    of which waiting for the previous group's write", in_loop("wait_write_s"), None),
+        ("    of which the last group's write after the last batch", in_loop("tail_s"), None),
+        ("  loader thread: load / prepare (overlapped)", in_loop("load_s"), None),
+        ("  writer thread: group writes / records (overlapped)",
+         in_loop("write_s"), None),
+        ("    progress-file records alone", in_loop("record_s"), None),
         (f"  zarr write of one {group['rows']}-row chunk group alone ({group['bytes'] / 1e6:.1f} MB, "
          f"thumbnails {group['thumbnails'] / 1e6:.1f}), per batch",
          per_batch("group_write", "write_wall", group["rows"] / BATCH),
@@ -666,8 +670,10 @@ def notes_for(results, n, rss, parts, repeats, group):
         f"Model: mini-ResNet {SIZE}x{SIZE}x3, {len(parts.names)} layers extracted (layers: auto), mean+max per "
         f"channel, batch {BATCH}, N={n} ({-(-n // BATCH)} batches); the model's input is no larger than "
         f"extract.thumbnail_size, so thumbnails are the input pixels (no device work).",
-        f"{repeats} repeats; in each, in this order: bare, bare on floats, taps, reductions, stage forward alone, "
-        "loaders alone, extract npz, extract folder, one chunk-group write. Loop rates: images after the first "
+        f"{repeats} repeats; in each, in this order: bare, bare with XLA, bare on floats, taps, reductions, stage "
+        "forward alone (with and without XLA summaries), loaders alone, extract npz, extract folder, one chunk-group "
+        "write. The stage runs unchanged; its loop reports its steps through pipeline.extraction.loop.observe. "
+        "Loop rates: images after the first "
         "batch / time from the end of the first forward call to the end of the batch loop. CPU = "
         "time.process_time() of this process (all threads) over the same span; 'other processes' = machine "
         "busy time (/proc/stat) minus ours, per pass.",
