@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "tables and an offline page.")
     cp.add_argument("run_a", metavar="RUN_A")
     cp.add_argument("run_b", metavar="RUN_B")
-    cp.add_argument("--out", help="comparison folder (default RUN_B/compare/<name of A>-<hash>)")
+    cp.add_argument("--out", help="comparison folder (default RUN_B/comparisons/<name of A>-<hash>)")
     cp.add_argument("--seed", type=int, default=0, help="seeds the CKA sample and the bootstraps (default 0)")
     cp.add_argument("--min-overlap", type=float, default=0.5, metavar="SHARE",
                     help="share of the smaller run's images that must be in both (default 0.5); "

@@ -182,7 +182,7 @@ def test_verdicts_and_accuracy_differences_come_with_paired_intervals(cross_comp
 
 def test_the_comparison_is_written_to_run_b_and_registered_in_both_runs(cross_compare, runs):
     out = cross_compare.out
-    assert out.parent == runs["b"] / "compare" and out.name.startswith("colour-")
+    assert out.parent == runs["b"] / "comparisons" and out.name.startswith("colour-")
     names = sorted(p.name for p in out.iterdir())
     for table in ("cka.parquet", "units.parquet", "cluster_matches.parquet", "layer_curves.parquet",
                   "accuracy.parquet", "verdicts.parquet", "compare.json", "index.html"):
@@ -228,7 +228,7 @@ def test_runs_over_different_images_are_refused_with_one_line(runs):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "error: the two runs are not over the same images: only 0 of their 240 and 60 images are the same")
-    assert not (other / "compare").exists()
+    assert not (other / "comparisons").exists()
 
 
 def test_a_run_over_most_of_the_images_is_compared_on_the_intersection(runs):

@@ -59,7 +59,7 @@ class CompareResult:
 
 
 def default_out(run_a, run_b) -> Path:
-    """``<RUN_B>/compare/<name of A>-<hash of A's path>``: in the later run, one folder per run A."""
+    """``<RUN_B>/comparisons/<name of A>-<hash of A's path>``: in the later run, one folder per run A."""
     from pipeline.report.names import slug
 
     name = _run_name(run_a)
@@ -79,7 +79,7 @@ def compare_runs(run_a, run_b, out=None, *, seed=0, min_overlap=an.MIN_OVERLAP, 
         hash (``dataset.parquet``'s ``content_hash``; for older runs computed from the recorded
         paths). ``b`` is read as the later or fixed model: differences are B − A.
     out : str or pathlib.Path, optional
-        The comparison folder; default :func:`default_out` (``<run_b>/compare/<name of A>-<hash>``).
+        The comparison folder; default :func:`default_out` (``<run_b>/comparisons/<name of A>-<hash>``).
         Refused when it exists and was not written by this function.
     seed : int, default=0
         Seeds the CKA sample and grouping, the unit-correlation sample and the bootstraps.

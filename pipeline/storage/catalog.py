@@ -62,7 +62,7 @@ ARTIFACTS = (
     Artifact("maximize", "maximize/index.parquet", "table", "maximize", "one row per rendered image"),
     Artifact("maximize_images", "maximize", "folder", "maximize", "activation-maximization PNGs, partial indexes"),
     Artifact("report_summary", "report.json", "json", "report", "where the report was written, pages and sizes"),
-    Artifact("comparison_folders", "compare", "folder", "compare",
+    Artifact("comparison_folders", "comparisons", "folder", "compare",
              "default home of `python -m pipeline compare A B` folders (in B), one per run A"),
     Artifact("comparisons", "comparisons.json", "json", "compare",
              "comparisons made with this run (`python -m pipeline compare`): where they are"),
