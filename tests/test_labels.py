@@ -16,7 +16,6 @@ report; older runs (no class list, the user's labels in ``label``) are made from
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -31,6 +30,7 @@ from pipeline.report.data import load_report_data
 from pipeline.report.names import class_page
 from pipeline.orchestration.runner import Runner
 from pipeline.stages import cluster, extract, maximize, probe
+from pipeline.stages.base import Context
 from pipeline.storage.store import RunStore
 from test_report import add_embeddings_and_maximize
 
@@ -295,7 +295,8 @@ def test_maximize_names_class_images_only_when_outputs_are_classes(fixture, name
 
     cfg, _ = request.getfixturevalue(fixture)
     logged = []
-    ctx = SimpleNamespace(store=RunStore(cfg.out_dir), log=logged.append)
+    ctx = Context(cfg, RunStore(cfg.out_dir))
+    ctx.log = logged.append
     assert maximize._output_names(ctx, 3) == names
     targets = plan.class_targets(3, 0, names)
     assert [t.class_name for t in targets] == ([None] * 3 if not names else ["0", "1", "2"])
