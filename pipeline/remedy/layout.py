@@ -8,5 +8,4 @@ ACCURACY = "remedy_accuracy.parquet"      # per split and pass: accuracy before 
 CLUSTERS = "remedy_clusters.parquet"      # the original's clusters whose cue sensitivity changed most
 HISTORY = "remedy_history.parquet"        # per fine-tune epoch: loss, accuracy, counterfactual images, seconds
 PAGE = "before-after"                     # the offline page (index.html, style.css, img/)
-COMPARE = "compare"                       # python -m pipeline compare RUN REMEDIED, when available
 REPORT = "report"                         # the remedied run's own report

@@ -32,7 +32,7 @@ import pandas as pd
 from pipeline.config import STAGES, hash_json
 from pipeline.errors import UserError
 
-from pipeline.remedy.layout import (ACCURACY, CLUSTERS, COMPARE, HISTORY, MODEL, REPORT, SPLIT, SUMMARY,
+from pipeline.remedy.layout import (ACCURACY, CLUSTERS, HISTORY, MODEL, REPORT, SPLIT, SUMMARY,
                                      VERDICTS)
 
 
@@ -360,20 +360,15 @@ def _after_analysis(t, store, summary):
 
 
 def _compare(run_a, run_b, seed, log):
-    """``pipeline.compare.compare_runs`` of the two runs when that package is installed, else None."""
+    """The page of ``pipeline.compare.compare_runs`` of the original and the remedied run (its default
+    folder, in the remedied run), or None when the runs cannot be compared (said in one line)."""
+    from pipeline.compare import compare_runs
+
     try:
-        from pipeline.compare import compare_runs
-    except ImportError:
-        return None
-    try:
-        result = compare_runs(run_a, run_b, out=Path(run_b) / COMPARE, seed=seed)
+        return str(compare_runs(run_a, run_b, seed=seed).page)
     except UserError as exc:
         log(f"comparison skipped: {exc}")
         return None
-    except Exception as exc:   # the comparison is an extra: the remedy's own tables and page stand without it
-        log(f"comparison failed ({type(exc).__name__}: {str(exc)[:200]}); the remedy's page is written without it")
-        return None
-    return str(getattr(result, "page", None) or getattr(result, "index", None) or Path(run_b) / COMPARE)
 
 
 # --------------------------------------------------------------------------- plan
