@@ -27,8 +27,9 @@ from types import SimpleNamespace
 import numpy as np
 
 from pipeline.config import hash_json
+from pipeline.storage.catalog import Catalog, path as artifact_path
 
-SHARDS = "extract.shards"
+SHARDS = artifact_path("extract_shards")
 
 _SESSIONS = {}  # per worker process: the loaded model of the current run (one entry)
 
@@ -177,8 +178,9 @@ def _adopt_markers(store, progress, stamp):
 
 def _session(job, model_key):
     """This worker's model, layers and compiled forward pass for the run; loaded once per process."""
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # before anything imports TensorFlow
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline.backend.tf import set_env
+
+    set_env()  # before anything imports TensorFlow
     sess = _SESSIONS.get(model_key)
     if sess is not None:
         return sess
@@ -225,9 +227,9 @@ def _shard_data(job, sess, stamp):
     from pipeline.storage.store import RunStore
 
     store = RunStore(job["out"])
-    stamp = (job["out"], stamp, store.path("dataset.parquet").stat().st_mtime_ns)
+    stamp = (job["out"], stamp, Catalog(store).path("dataset").stat().st_mtime_ns)
     if sess.data is None or sess.data.stamp != stamp:
-        dataset = store.read_table("dataset.parquet")
+        dataset = Catalog(store).read("dataset")
         if "path" in dataset and not sess.cfg.data.npz:  # relative to the client's working directory
             dataset["path"] = [p if os.path.isabs(p) else os.path.join(job["cwd"], p) for p in dataset["path"]]
         load = pixel_loader(sess.cfg.data, dataset, sess.size, sess.channels)

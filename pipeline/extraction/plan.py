@@ -16,10 +16,11 @@ from pipeline.errors import UserError
 from pipeline.extraction.forward import layer_path, make_forward, output_keys, spatial_positions, thumbnail_shape
 from pipeline.extraction.loop import BatchRunner, create_array
 from pipeline.inputs.models import model_kind
+from pipeline.storage.catalog import path as artifact_path
 from pipeline.storage.hashing import file_hash, listing_hash
 
-ZARR = "activations.zarr"
-PROGRESS = "extract.progress.json"
+ZARR = artifact_path("activations")
+PROGRESS = artifact_path("extract_progress")
 
 
 def extract_params(cfg) -> dict:
