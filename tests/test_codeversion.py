@@ -89,7 +89,7 @@ def test_a_finished_stage_becomes_stale_when_a_module_it_imports_changes(package
     ("pipeline.stages.report", {"pipeline.report.values", "pipeline.report"}),
     ("pipeline.stages.probe", {"pipeline.extraction.plan", "pipeline.storage.arrays", "pipeline.shortcuts.probes",
                                "pipeline.shortcuts.verdicts"}),
-    ("pipeline.stages.maximize", {"pipeline.extraction.forward", "pipeline.inputs.models", "pipeline.maximize.render",
+    ("pipeline.stages.maximize", {"pipeline.storage.arrays", "pipeline.inputs.models", "pipeline.maximize.render",
                                   "pipeline.maximize.objectives"}),
     ("pipeline.stages.extract", {"pipeline.inputs.images", "pipeline.inputs.dataset", "pipeline.inputs.savedmodel",
                                  "pipeline.inputs.graphscan", "pipeline.engines.dask_extract", "pipeline.extraction.loop"}),

@@ -176,7 +176,7 @@ def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_
     """The writer's direct chunk files equal zarr's own, whole chunks and the padded last one."""
     import zarr
 
-    from pipeline.extraction.loop import chunk_files, create_array
+    from pipeline.storage.arrays import chunk_files, create_array
 
     n, rows = 10, 4  # chunks of 4, 4 and 2 rows
     value = np.random.default_rng(0).integers(0, 100, (n, *row_shape)).astype(dtype)
@@ -204,7 +204,7 @@ def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_
 def test_arrays_of_another_layout_are_written_through_zarr(tmp_path):
     import zarr
 
-    from pipeline.extraction.loop import chunk_files
+    from pipeline.storage.arrays import chunk_files
 
     root = zarr.open_group(str(tmp_path / "z"), mode="w")
     gzip = root.create_array("a", shape=(8, 2), chunks=(4, 2), dtype="float32",

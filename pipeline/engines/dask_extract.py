@@ -46,7 +46,7 @@ def run(ctx):
     from distributed import as_completed
 
     from pipeline.engines import cluster as distributed
-    from pipeline.extraction.loop import ensure_array
+    from pipeline.storage.arrays import ensure_array
     from pipeline.progress import progress as progress_bar
     from pipeline.extraction import plan as X
     from pipeline.extraction.steps import begin, dataset_of, finish

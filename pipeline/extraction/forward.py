@@ -8,41 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-RESERVED = ("logits", "thumbnails")
-
-
-def layer_path(layer: str) -> str:
-    """Group of a layer in ``activations.zarr``: its name, unless that clashes with a root array.
-
-    A layer named ``logits`` (common) would collide with the model's ``logits`` array, so its
-    group becomes ``logits.layer``; the mapping is kept in the store's ``layers`` attribute.
-    """
-    return f"{layer}.layer" if layer.split("/")[0] in RESERVED else layer
-
-
-def output_keys(layer_kinds, reductions, spatial_samples) -> list[str]:
-    """Names of the arrays a forward pass returns, ``<layer>/<reduction>`` plus ``logits``.
-
-    Parameters
-    ----------
-    layer_kinds : dict
-        ``{layer: "map" | "vector"}`` in extraction order.
-    reductions : list of str
-        ``mean`` and/or ``max``; applied to maps only.
-    spatial_samples : int
-        When > 0, maps also give ``<layer>/spatial`` ``(B, k, C)`` and ``<layer>/spatial_pos``.
-    """
-    keys = []
-    for name, kind in layer_kinds.items():
-        layer = layer_path(name)
-        if kind == "map":
-            keys += [f"{layer}/{r}" for r in reductions]
-            if spatial_samples:
-                keys += [f"{layer}/spatial", f"{layer}/spatial_pos"]
-        else:
-            keys.append(f"{layer}/value")
-    return keys + ["logits"]
+from pipeline.storage.arrays import layer_path
 
 
 def spatial_positions(seed, layer_index, image_indices, height, width, k) -> np.ndarray:

@@ -13,9 +13,10 @@ import numpy as np
 
 from pipeline.config import parse_scale
 from pipeline.errors import UserError
-from pipeline.extraction.forward import layer_path, make_forward, output_keys, spatial_positions, thumbnail_shape
-from pipeline.extraction.loop import BatchRunner, create_array
+from pipeline.extraction.forward import make_forward, spatial_positions, thumbnail_shape
+from pipeline.extraction.loop import BatchRunner
 from pipeline.inputs.models import model_kind
+from pipeline.storage.arrays import create_array, layer_arrays, layer_path
 from pipeline.storage.catalog import path as artifact_path
 from pipeline.storage.hashing import file_hash, listing_hash
 
@@ -104,16 +105,10 @@ def open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
     rows = chunk_rows(ex)
     shapes = {i.name: i.output_shape for i in model.layers}
     for layer in names:
-        c = shapes[layer][-1] if kinds[layer] == "map" else int(np.prod(shapes[layer]))
-        keys = [k for k in output_keys({layer: kinds[layer]}, ex.reduce, ex.spatial_samples) if k != "logits"]
-        for key in keys:
-            if key.endswith("/spatial"):
-                shape, dtype = (n, ex.spatial_samples, c), ex.dtype
-            elif key.endswith("/spatial_pos"):
-                shape, dtype = (n, ex.spatial_samples, 2), "int32"
-            else:
-                shape, dtype = (n, c), ex.dtype
-            create_array(root, key, shape, rows, dtype)
+        width = shapes[layer][-1] if kinds[layer] == "map" else int(np.prod(shapes[layer]))
+        for key, (row_shape, dtype) in layer_arrays(layer, kinds[layer], width, ex.reduce, ex.spatial_samples,
+                                                    ex.dtype).items():
+            create_array(root, key, (n, *row_shape), rows, dtype)
     root.attrs.update({
         "layers": {l: {"kind": kinds[l], "shape": list(shapes[l]), "path": layer_path(l),
                        "type": next(i.type for i in model.layers if i.name == l)} for l in names},

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from pipeline.errors import UserError
-from pipeline.extraction.forward import layer_path
+from pipeline.storage.arrays import layer_path
 from pipeline.storage.catalog import path as artifact_path
 
 #: ``layer`` value, folder and objective of class images (the model's pre-softmax outputs).

@@ -229,7 +229,7 @@ def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes
 
 def _key(layer, kind):
     """The forward pass's array of a layer's per-unit values (channel means, or a dense layer's values)."""
-    from pipeline.extraction.forward import layer_path
+    from pipeline.storage.arrays import layer_path
 
     return f"{layer_path(layer)}/{'mean' if kind == 'map' else 'value'}"
 

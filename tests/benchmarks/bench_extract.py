@@ -355,6 +355,7 @@ def group_write_pass(run_dir, tmp):
     import zarr
 
     from pipeline.extraction import loop as extraction
+    from pipeline.storage.arrays import create_array
 
     source = zarr.open_group(str(Path(run_dir) / "activations.zarr"), mode="r")
     keys = sorted(k for k, v in source.members(max_depth=None) if isinstance(v, zarr.Array))
@@ -367,7 +368,7 @@ def group_write_pass(run_dir, tmp):
         shutil.rmtree(target, ignore_errors=True)
         root = zarr.open_group(str(target), mode="w")
         for k, (v,) in parts.items():
-            extraction.create_array(root, k, (n, *v.shape[1:]), rows, v.dtype)
+            create_array(root, k, (n, *v.shape[1:]), rows, v.dtype)
         writer = extraction.ChunkWriter(root, lambda group, bad: None, n, rows)
         writer.submit(0, 0, parts, {})  # the stage looks its arrays up once per run: not timed
         writer.wait()
