@@ -24,3 +24,18 @@ def browser():
     b = chromium.launch()
     yield b
     b.close()
+
+
+@pytest.fixture(scope="session")
+def tf():
+    """TensorFlow as the package imports it (quietly, oneDNN off)."""
+    from pipeline.backend.tf import tensorflow
+
+    return tensorflow()
+
+
+@pytest.fixture(scope="session")
+def keras(tf):
+    import keras
+
+    return keras

@@ -23,20 +23,6 @@ from pipeline.backend import versions
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tf():
-    from pipeline.backend.tf import tensorflow
-
-    return tensorflow()
-
-
-@pytest.fixture(scope="module")
-def keras(tf):
-    import keras
-
-    return keras
-
-
 @pytest.fixture()
 def fresh_checks(monkeypatch):
     """Forget which versions this process already checked (the check runs once per process)."""

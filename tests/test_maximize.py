@@ -17,20 +17,6 @@ from pipeline.storage.catalog import Catalog
 from pipeline.storage.store import RunStore
 
 
-@pytest.fixture(scope="module")
-def tf():
-    from pipeline.backend.tf import tensorflow
-
-    return tensorflow()
-
-
-@pytest.fixture(scope="module")
-def keras(tf):
-    import keras
-
-    return keras
-
-
 # --------------------------------------------------------------------------- objectives
 
 
