@@ -97,3 +97,12 @@ def test_layers_render_in_an_order_spread_over_depth():
     assert sorted(order) == list(range(16))
     assert order[:3] == [15, 0, 8], "deepest, first, middle"
     assert max(order[:5]) - min(order[:5]) == 15 and len({i // 4 for i in order[:5]}) == 4, "quarters next"
+
+
+def test_class_images_are_planned_per_model_output_not_per_data_class(tmp_path, capsys):
+    """A 10-output head analysed on 3 folders of images renders 10 class images: the plan says so."""
+    zoo.image_folder(tmp_path / "images", per_class=2)
+    model = zoo.save(zoo.sequential(classes=10), tmp_path / "model", "keras")
+    path = write_config(tmp_path, model, tmp_path / "images", maximize={"units": [0], "max_seconds": None})
+    assert main(["plan", str(path)]) == 0
+    assert "10 classes)" in capsys.readouterr().out

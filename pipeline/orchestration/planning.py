@@ -223,7 +223,9 @@ def make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clust
         "embed": lambda: _embed(cfg, n_images, names, units),
         "cluster": lambda: _cluster(cfg, n_images, names, units, matmul_flops()),
         "probe": lambda: _probe(cfg, n_images, warm),
-        "maximize": lambda: _maximize(cfg, names, units, n_classes, warm, clusters_per_layer or {}),
+        # One class image per model output, as the stage renders them (1000 for an ImageNet head on
+        # 3 folders of images), not per class of the data.
+        "maximize": lambda: _maximize(cfg, names, units, _outputs(model) or n_classes, warm, clusters_per_layer or {}),
         "report": lambda: _report(cfg, n_images, names, units),
     }
     total_units = sum(units.values())
@@ -332,6 +334,15 @@ def _report(cfg, n, names, units):
                          ["report.explorer: false"])
 
 
+def _outputs(model) -> int:
+    """The model's number of outputs (its last layer's width), or 0 when unknown."""
+    try:
+        shape = model.layers[-1].output_shape
+        return int(shape[-1]) if shape else 0
+    except (TypeError, IndexError):
+        return 0
+
+
 def plan_run(cfg, stages, clusters_per_layer=None) -> Plan:
     """Load the model, choose its layers, warm up and estimate ``stages`` (names) of ``cfg``."""
     from pipeline.inputs.autolayers import choose
@@ -343,11 +354,7 @@ def plan_run(cfg, stages, clusters_per_layer=None) -> Plan:
     choice = choose(model, cfg.layers)
     names = [n for n, _ in choice]
     n_images, n_classes = count_images(cfg.data)
-    if not n_classes:
-        try:
-            n_classes = int(model.layers[-1].output_shape[-1]) if model.layers[-1].output_shape else 0
-        except (TypeError, IndexError):
-            n_classes = 0
+    n_classes = n_classes or _outputs(model)
     warm = warm_up(model, names, layer_kinds(model, names), size, channels, cfg, n_images)
     return make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clusters_per_layer)
 
