@@ -22,7 +22,7 @@ class Artifact:
         How code refers to it (also the attribute of :func:`pipeline.load_run`'s result for tables).
     path : str
         Relative to the run directory.
-    kind : {"table", "json", "zarr", "folder"}
+    kind : {"table", "json", "zarr", "folder", "file"}
         Tables are parquet (or CSV when the path ends in ``.csv``); folders hold files the stage
         writes one by one (PNGs).
     stage : str
@@ -66,6 +66,21 @@ ARTIFACTS = (
              "default home of `python -m pipeline compare A B` folders (in B), one per run A"),
     Artifact("comparisons", "comparisons.json", "json", "compare",
              "comparisons made with this run (`python -m pipeline compare`): where they are"),
+    # In a remedied model's run directory (`python -m pipeline remedy RUN` makes RUN/remedy/).
+    Artifact("remedy_model", "model.keras", "file", "remedy", "the fine-tuned copy, saved with plain Keras"),
+    Artifact("remedy_summary", "remedy.json", "json", "remedy",
+             "cue, augmentations, settings, split sizes, headline figures, seconds"),
+    Artifact("remedy_split", "remedy_split.parquet", "table", "remedy", "index, label, split (fine-tuned | held-out)"),
+    Artifact("remedy_verdicts", "remedy_verdicts.parquet", "table", "remedy",
+             "per class, held-out images: verdicts and cue losses before / after"),
+    Artifact("remedy_accuracy", "remedy_accuracy.parquet", "table", "remedy",
+             "per split and pass: accuracy before / after, paired change, 95 % intervals"),
+    Artifact("remedy_clusters", "remedy_clusters.parquet", "table", "remedy",
+             "the original's clusters whose cue sensitivity changed most"),
+    Artifact("remedy_history", "remedy_history.parquet", "table", "remedy",
+             "per fine-tune epoch: loss, accuracy, counterfactual images, seconds"),
+    Artifact("remedy_page", "before-after", "folder", "remedy", "the offline before -> after page"),
+    Artifact("remedy_report", "report", "folder", "remedy", "the remedied run's own report"),
 )
 
 BY_NAME = {a.name: a for a in ARTIFACTS}
@@ -142,7 +157,7 @@ class Catalog:
             return self.store.read_json(a.path, default=default)
         if a.kind == "zarr":
             return self.store.open_zarr(a.path)
-        raise TypeError(f"{name} is a folder: read its files with read_bytes")
+        raise TypeError(f"{name} is a {a.kind}: open it at its path()")
 
     def require(self, name, why=""):
         """Like :meth:`read`, with a one-line error naming the stage to run when it is absent."""
