@@ -20,6 +20,7 @@ import pandas as pd
 from pipeline.compare import analysis as an
 from pipeline.errors import UserError
 from pipeline.storage.catalog import COMPARISON, Catalog
+from pipeline.storage.rundir import foreign_folder
 from pipeline.storage.store import RunStore
 from pipeline.version import __version__
 
@@ -335,11 +336,10 @@ def _summary(a, b, matching, pairs, cka, units, clusters, accuracy, verdicts, no
 
 
 def _check_replaceable(out: Path) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
+    why = foreign_folder(out, MARKER)
+    if why == "file":
         raise UserError(f"comparison folder {out} is a file; choose another --out")
-    if not (out / MARKER).exists() and any(out.iterdir()):
+    if why:
         raise UserError(f"{out} exists and was not written by `python -m pipeline compare`; choose another --out "
                         "(a new or empty folder) — nothing was changed")
 

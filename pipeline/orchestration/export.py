@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.storage.rundir import foreign_folder
 from pipeline.report.names import slug
 
 EXPORT_MARKER = ".pipeline-export"  # marks a folder this command wrote, so a rerun may overwrite it
@@ -96,8 +97,7 @@ def export_projector(run_dir, layer, out=None, reduction="mean") -> Path:
 
 def _check_export_folder(folder) -> None:
     """Refuse a folder holding files this tool did not write (they would be overwritten)."""
-    if folder.exists() and (not folder.is_dir() or
-                            (any(folder.iterdir()) and not (folder / EXPORT_MARKER).exists())):
+    if foreign_folder(folder, EXPORT_MARKER):
         raise UserError(f"{folder} exists and was not written by `pipeline export`; choose another --out "
                         "(an empty or new folder) — nothing was changed")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from pipeline.version import __version__
 from pipeline.errors import UserError
 from pipeline.report.csp import CSP
+from pipeline.storage.rundir import foreign_folder
 from pipeline.storage.store import RunStore
 
 MARKER = ".pipeline-report.json"
@@ -107,11 +108,10 @@ def _explorer(site, root, options):
 
 def _check_replaceable(target: Path) -> None:
     """Refuse to replace anything but an earlier report (or an empty folder)."""
-    if not target.exists():
-        return
-    if not target.is_dir():
+    why = foreign_folder(target, MARKER)
+    if why == "file":
         raise UserError(f"report folder {target} is a file; choose another report.out")
-    if not (target / MARKER).exists() and any(target.iterdir()):
+    if why:
         raise UserError(f"report folder {target} exists and was not written by this tool; "
                         "choose another report.out or remove it")
 

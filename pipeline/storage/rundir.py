@@ -62,6 +62,23 @@ def check_writable(root) -> None:
         raise UserError(busy_message(root))
 
 
+def foreign_folder(target, marker) -> str | None:
+    """Why the pipeline may not replace ``target``, an output folder it marks with the file ``marker``.
+
+    Returns
+    -------
+    str or None
+        ``"file"`` when ``target`` is a file, ``"foreign"`` when it is a folder holding files but
+        no ``marker`` (someone else's), ``None`` when it is missing, empty or ours.
+    """
+    target = Path(target)
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return "file"
+    return "foreign" if not (target / marker).exists() and any(target.iterdir()) else None
+
+
 def busy_message(root) -> str:
     return (f"run directory {root} is in use by {describe(holder(root))}; wait for it to finish "
             "(`python -m pipeline status` works meanwhile) or stop it")
