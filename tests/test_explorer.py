@@ -140,6 +140,10 @@ def test_hovering_an_image_shows_its_thumbnail_from_file_urls(report, browser):
     page = open_explorer(browser, out / layer_page("conv_a"))
     try:
         hover_a_point(page)
+        # The sprite sheet is fetched when the card first shows; wait for it rather than race it.
+        page.wait_for("""(() => { const c = Array.from(document.querySelectorAll('.xp-card')).find(c => !c.hidden);
+            const img = c && c.querySelector('img'); return !!img && img.complete && img.naturalWidth > 0; })()""",
+                      timeout=10, message="the hovered image's thumbnail never loaded")
         card = page.eval("""(() => { const c = Array.from(document.querySelectorAll('.xp-card')).find(c => !c.hidden);
             const img = c.querySelector('img');
             return {index: c.dataset.index, text: c.textContent, src: img.getAttribute('src'),
