@@ -43,8 +43,13 @@ class DataConfig(_Section):
         return v
 
 
+BatchSize = Union[Literal["auto"], Annotated[int, Field(ge=1, le=8192)]]
+
+
 class ExtractConfig(_Section):
-    batch_size: int = Field(default=64, ge=1, le=8192)   # bounded: the last batch is padded to it
+    # Images per compiled forward pass, bounded (the last batch is padded to it). "auto" grows it
+    # on the model until throughput stops improving or memory runs out; the choice is recorded.
+    batch_size: BatchSize = 64
     reduce: list[Literal["mean", "max"]] = ["mean", "max"]
     spatial_samples: int = Field(default=0, ge=0, le=4096)
     dtype: Literal["float32", "float16"] = "float32"
@@ -85,7 +90,7 @@ class MaximizeConfig(_Section):
     size: int = Field(default=128, ge=8, le=MAX_SIDE)
     clusters: bool = True
     classes: bool = True
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    batch_size: BatchSize = 32     # images optimised together; "auto" as for extract
     learning_rate: float = Field(default=0.05, gt=0, le=100)
     layers: Union[Literal["all", "last"], list[str]] = "all"
     # Image parameterisation: Fourier (Lucid's default) or raw pixels.
@@ -99,6 +104,15 @@ class MaximizeConfig(_Section):
     relu_redirect: bool = True
     # Stop starting new batches after this many seconds; a rerun renders what is missing.
     max_seconds: Optional[float] = Field(default=480, gt=0)
+
+
+class ComputeConfig(_Section):
+    """How the compiled hot loops (extraction forward, maximization step) run on the device."""
+    # XLA (jit_compile) for the extraction forward and the maximization step: "auto" times both
+    # ways on the model at start-up and keeps the faster; an op XLA cannot compile falls back.
+    xla: Literal["auto", "on", "off"] = "auto"
+    # Compute dtype of the model's layers; activations, reductions and statistics stay float32.
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
 
 class ReportConfig(_Section):
@@ -175,6 +189,7 @@ class Config(_Section):
     report: ReportConfig = ReportConfig()
     probe: ProbeConfig = ProbeConfig()
     remedy: RemedyConfig = RemedyConfig()
+    compute: ComputeConfig = ComputeConfig()
     # Where the heavy stages run: this process (local) or a Dask cluster (dask). They give the
     # same arrays and tables; none of these keys is part of any stage's parameters.
     engine: Literal["local", "dask"] = "local"
