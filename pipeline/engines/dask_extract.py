@@ -60,6 +60,8 @@ def run(ctx):
     devices = info["devices"]
     ctx.log(f"extract: running on {distributed.describe(client)}; a worker sees "
             f"{', '.join(devices) if devices else 'CPU only (no GPU visible to TensorFlow)'}")
+    for note in info.get("notes", ()):
+        ctx.log(f"extract: {note}")
     names, kinds, size, channels = info["names"], info["kinds"], tuple(info["size"]), info["channels"]
     plan = hash_json({"params": X.extract_params(cfg), "inputs": inputs, "layers": names})
 
@@ -192,13 +194,14 @@ def _session(job, model_key):
     from pipeline.backend.tf import gpus
 
     cfg = Config.model_validate(job["config"])
-    model = load_model(cfg.model, cfg.trust_model)
+    notes = []  # the precision's one-line notes: the client prints them (describe_model)
+    model = load_model(cfg.model, cfg.trust_model, cfg.compute.precision, notes.append)
     size, channels = X.input_geometry(model, cfg.data)
     names = [n for n, _ in choose(model, cfg.layers)]
     kinds = X.layer_kinds(model, names)
     sess = SimpleNamespace(cfg=cfg, model=model, names=names, kinds=kinds, size=size, channels=channels,
                            run_batch=X.batch_runner(cfg, model, names, kinds, size), devices=gpus(),
-                           data=None)
+                           data=None, notes=notes)
     _SESSIONS[model_key] = sess
     return sess
 
@@ -217,7 +220,7 @@ def describe_model(job, model_key) -> dict:
              for k in ("logits", "thumbnails") if k in arrays}
     return {"layers": list(sess.model.layers), "name": sess.model.name, "names": sess.names,
             "kinds": sess.kinds, "size": list(sess.size), "channels": sess.channels,
-            "extra_arrays": extra, "devices": sess.devices}
+            "extra_arrays": extra, "devices": sess.devices, "notes": sess.notes}
 
 
 def _shard_data(job, sess, stamp):

@@ -21,7 +21,7 @@ def run(ctx):
     from pipeline.backend.tf import gpus
 
     cfg, store = ctx.cfg, ctx.store
-    model = load_model(cfg.model, cfg.trust_model)
+    model = load_model(cfg.model, cfg.trust_model, cfg.compute.precision, lambda note: ctx.log(f"extract: {note}"))
     devices = gpus()
     ctx.log(f"extract: running on {', '.join(devices) if devices else 'CPU (no GPU visible to TensorFlow)'}")
     size, channels = input_geometry(model, cfg.data)

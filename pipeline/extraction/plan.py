@@ -26,8 +26,11 @@ PROGRESS = artifact_path("extract_progress")
 
 def extract_params(cfg) -> dict:
     """The config values that change the extracted arrays (the extract stage's ``params``)."""
-    return {"data": cfg.data.model_dump(mode="json", exclude={"images", "npz"}),
-            "layers": cfg.layers, "extract": cfg.extract.model_dump(mode="json"), "seed": cfg.seed}
+    params = {"data": cfg.data.model_dump(mode="json", exclude={"images", "npz"}),
+              "layers": cfg.layers, "extract": cfg.extract.model_dump(mode="json"), "seed": cfg.seed}
+    if cfg.compute.precision != "float32":  # only then: float32 runs keep their parameters
+        params["precision"] = cfg.compute.precision
+    return params
 
 
 def input_hashes(cfg) -> dict:

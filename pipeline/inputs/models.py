@@ -21,6 +21,7 @@ from pipeline.errors import UnsafeModelError, UserError
 from pipeline.inputs.graphscan import check_saved_model, printable
 from pipeline.inputs.logits import without_softmax
 from pipeline.inputs.modelinfo import LayerInfo, analysable_shape
+from pipeline.inputs.precision import FLOAT32, cpu_note, float32_outputs, mixed_clone, not_applicable
 
 # Markers Keras writes without a module for plain values (tensors' shapes, tuples, bytes...).
 _VALUE_MARKERS = frozenset({"__keras_tensor__", "__tuple__", "__bytes__", "__slice__", "__ellipsis__",
@@ -208,7 +209,7 @@ def check_keras_version(installed=None) -> None:
             "if you trust this model")
 
 
-def load_model(path, trust_model: bool = False):
+def load_model(path, trust_model: bool = False, precision: str = "float32", log=None):
     """Load a model for analysis.
 
     Parameters
@@ -218,6 +219,11 @@ def load_model(path, trust_model: bool = False):
     trust_model : bool
         Allow Lambda layers, custom objects and SavedModel ops outside the allowlist (runs code
         stored in the file).
+    precision : {"float32", "mixed_float16", "mixed_bfloat16"}
+        ``compute.precision``: the layers of a functional or Sequential Keras model compute in
+        float16/bfloat16 (:func:`with_precision`); SavedModels and subclassed models stay float32.
+    log : callable, optional
+        Receives the one-line notes about the precision (e.g. ``ctx.log``); none are shown without it.
 
     Returns
     -------
@@ -228,7 +234,8 @@ def load_model(path, trust_model: bool = False):
         from pipeline.backend.tf import tensorflow
 
         tensorflow()
-        return GraphModel(path, trust_model=trust_model)  # checks the graph before loading it
+        graph = GraphModel(path, trust_model=trust_model)  # checks the graph before loading it
+        return with_precision(graph, precision, log)
     check_safe(path, trust_model)
     from pipeline.backend.tf import tensorflow
 
@@ -251,7 +258,36 @@ def load_model(path, trust_model: bool = False):
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         msg = msg.split(" Full object config")[0]  # Keras appends the whole config to this line
         raise UserError(f"cannot load model {Path(path).name}: {msg}") from None
-    return KerasModel(model, name=Path(path).stem)
+    return with_precision(KerasModel(model, name=Path(path).stem), precision, log)
+
+
+def with_precision(model, precision, log=None):
+    """``model`` computing under ``precision`` (``compute.precision``), its outputs still float32.
+
+    A functional or Sequential :class:`KerasModel` becomes a mixed-precision copy
+    (:func:`pipeline.inputs.precision.mixed_clone`); any other model (a SavedModel's
+    ``GraphModel``, a subclassed model, one Keras cannot clone) is returned as it is, in float32,
+    with a one-line note to ``log``. On a machine without a GPU a note says mixed precision is
+    usually slower there.
+    """
+    if precision == FLOAT32:
+        return model
+    say = log or (lambda msg: None)
+    if not isinstance(model, KerasModel) or model._taps is not None:
+        what = "this SavedModel" if not isinstance(model, KerasModel) else f"the subclassed model {model.name}"
+        say(not_applicable(precision, what))
+        return model
+    try:
+        clone = mixed_clone(model.model, precision)
+    except Exception as exc:  # Keras raises many types for a model it cannot rebuild from its config
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        say(not_applicable(precision, f"model {model.name} cannot be copied ({reason}) and"))
+        return model
+    from pipeline.backend.tf import gpus
+
+    if not gpus():
+        say(cpu_note(precision))
+    return KerasModel(clone, name=model.name, precision=precision)
 
 
 def _import_custom_modules(config) -> None:
@@ -283,11 +319,15 @@ class KerasModel:
         (:mod:`pipeline.inputs.subclassed`); its input shape comes from its build config.
     name : str
         Shown in reports.
+    precision : str
+        The compute dtype policy the layers of ``model`` were given (:func:`with_precision`); when it
+        is not float32, :meth:`build_extractor` casts what it returns to float32.
     """
 
-    def __init__(self, model, name="model"):
+    def __init__(self, model, name="model", precision=FLOAT32):
         self.model = model
         self.name = name
+        self.precision = precision
         self._taps = None
         if functional(model) is None:
             from pipeline.inputs.subclassed import CallTaps
@@ -328,7 +368,7 @@ class KerasModel:
                 logits = logits[0]
             return [taps[n] for n in layer_names], logits
 
-        return extract
+        return extract if self.precision == FLOAT32 else float32_outputs(extract, self.precision)
 
 
 def _tapped_call(model, x, wanted, prefix, taps, pre_softmax=None):

@@ -53,19 +53,28 @@ _INT_COLUMNS = ("channel", "cluster", "class")
 
 
 def _params(cfg):
-    return {"maximize": cfg.maximize.model_dump(mode="json"), "seed": cfg.seed, "scale": cfg.data.scale,
-            "cluster_reduction": cfg.cluster.reduction}
+    params = {"maximize": cfg.maximize.model_dump(mode="json"), "seed": cfg.seed, "scale": cfg.data.scale,
+              "cluster_reduction": cfg.cluster.reduction}
+    return _with_precision(params, cfg)
+
+
+def _with_precision(params, cfg):
+    """``params`` plus ``compute.precision`` when it is not float32 (runs made before the key stay valid)."""
+    if cfg.compute.precision != "float32":
+        params["precision"] = cfg.compute.precision
+    return params
 
 
 def _render_hash(cfg):
     """What the pixels of an image depend on: a part file row is reused only if this matches."""
     mx = cfg.maximize
     code = code_version("pipeline.maximize.render")  # the renderer and all it imports shape the pixels
-    return hash_json({"model": file_hash(cfg.model), "scale": cfg.data.scale, "seed": cfg.seed,
-                      "render": mx.model_dump(mode="json", include={"steps", "size", "learning_rate", "param",
-                                                                    "decorrelate", "transforms", "relu_redirect"}),
-                      "classes": "logprob+jitter",
-                      "code": code})
+    key = {"model": file_hash(cfg.model), "scale": cfg.data.scale, "seed": cfg.seed,
+           "render": mx.model_dump(mode="json", include={"steps", "size", "learning_rate", "param",
+                                                         "decorrelate", "transforms", "relu_redirect"}),
+           "classes": "logprob+jitter",
+           "code": code}
+    return hash_json(_with_precision(key, cfg))
 
 
 class _Group:
@@ -234,7 +243,8 @@ def _render_all(ctx, groups, todo, done, params_hash):
     total = sum(len(v) for v in todo.values())
     if total == 0:
         return 0, 0
-    model = load_model(ctx.cfg.model, ctx.cfg.trust_model)
+    cfg = ctx.cfg
+    model = load_model(cfg.model, cfg.trust_model, cfg.compute.precision, lambda note: ctx.log(f"maximize: {note}"))
     budget = Budget(mx.max_seconds)
     bar = progress(total=total, unit="img", desc="maximize")
     rendered = 0

@@ -45,7 +45,10 @@ OUTPUTS = ("bias", "bias_verdicts", "probe_units", "probe_predictions", "probe_i
 
 
 def _params(cfg):
-    return {"probe": cfg.probe.model_dump(mode="json"), "seed": cfg.seed}
+    params = {"probe": cfg.probe.model_dump(mode="json"), "seed": cfg.seed}
+    if cfg.compute.precision != "float32":  # only then: runs made before the key stay up to date
+        params["precision"] = cfg.compute.precision
+    return params
 
 
 def _inputs(cfg):
@@ -172,7 +175,7 @@ def _model(ctx):
     from pipeline.extraction.plan import input_geometry
 
     cfg = ctx.cfg
-    model = load_model(cfg.model, cfg.trust_model)
+    model = load_model(cfg.model, cfg.trust_model, cfg.compute.precision, lambda note: ctx.log(f"probe: {note}"))
     size, channels = input_geometry(model, cfg.data)
     _, names, infos = open_activations(ctx.store)
     return model, names, {n: infos[n]["kind"] for n in names}, size, channels
@@ -191,7 +194,7 @@ def _class_tables(ctx, classes, labels, logits, probed, groups, skipped):
 def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes):
     """Logits ``(n, K)`` on the originals, ``{probe: (n, K)}``, unit sensitivities and examples."""
     from pipeline.shortcuts.verdicts import UnitSensitivity
-    from pipeline.config import parse_scale
+    from pipeline.config import batch_or, parse_scale
     from pipeline.inputs.dataset import pixel_loader
     from pipeline.extraction.forward import make_forward
     from pipeline.progress import progress
@@ -204,7 +207,7 @@ def _forward_all(ctx, model, names, kinds, size, channels, dataset, rows, probes
     units, logits, probed = UnitSensitivity(), [], {p.name: [] for p in probes}
     examples = _example_rows(dataset["label"].to_numpy()[rows], cfg.probe.examples)
     shown = {"original": []} | {p.name: [] for p in probes}
-    bs = cfg.extract.batch_size
+    bs = batch_or(cfg.extract.batch_size, (ctx.catalog.summary("extract").get("compute") or {}).get("batch_size") or 64)
     bar = progress(total=len(rows), unit="img", desc="probe")
     for start in range(0, len(rows), bs):
         batch = rows[start:start + bs]
