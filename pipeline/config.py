@@ -46,6 +46,12 @@ class DataConfig(_Section):
 BatchSize = Union[Literal["auto"], Annotated[int, Field(ge=1, le=8192)]]
 
 
+def batch_or(value, fallback: int) -> int:
+    """A batch size as a number: ``value``, or ``fallback`` where it is ``"auto"`` (e.g. the size an
+    earlier stage recorded, or the default, for code that needs a number without probing)."""
+    return int(fallback) if value == "auto" else int(value)
+
+
 class ExtractConfig(_Section):
     # Images per compiled forward pass, bounded (the last batch is padded to it). "auto" grows it
     # on the model until throughput stops improving or memory runs out; the choice is recorded.

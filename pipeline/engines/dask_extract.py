@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,6 +51,7 @@ def run(ctx):
     from pipeline.progress import progress as progress_bar
     from pipeline.extraction import plan as X
     from pipeline.extraction.steps import begin, dataset_of, finish
+    from pipeline.extraction.tuning import default_record, resolved
 
     cfg, store = ctx.cfg, ctx.store
     client = distributed.client_for(cfg)
@@ -70,7 +72,15 @@ def run(ctx):
         store.remove(SHARDS)
         progress = begin(ctx, plan, size, channels)
     _adopt_markers(store, progress, _stamp(plan, progress))
-    n, ex = len(dataset_of(ctx)), cfg.extract
+    n = len(dataset_of(ctx))
+    record = progress.get("compute") or default_record(cfg)
+    if record is None:  # batch_size auto / compute.xla: decided once, on a worker, then kept
+        record, lines = client.submit(tune_on_worker, job, model_key, n, pure=False).result()
+        for line in lines:
+            ctx.log(line)
+    progress["compute"] = record
+    cfg = resolved(cfg, record)  # what the workers run: numbers, on/off
+    ctx, job, ex = replace(ctx, cfg=cfg), _job(cfg, store), cfg.extract
     fresh = not progress["done"]
     if fresh:  # arrays recreated: markers for the old ones (a killed client's tasks may still run) don't count
         progress["store"] = uuid.uuid4().hex[:12]
@@ -200,10 +210,30 @@ def _session(job, model_key):
     names = [n for n, _ in choose(model, cfg.layers)]
     kinds = X.layer_kinds(model, names)
     sess = SimpleNamespace(cfg=cfg, model=model, names=names, kinds=kinds, size=size, channels=channels,
-                           run_batch=X.batch_runner(cfg, model, names, kinds, size), devices=gpus(),
+                           runners={}, devices=gpus(),
                            data=None, notes=notes)
     _SESSIONS[model_key] = sess
     return sess
+
+
+def _runner(sess, cfg):
+    """The compiled batch runner for ``cfg``'s (resolved) batch size and XLA choice, kept per worker."""
+    from pipeline.extraction import plan as X
+
+    key = (cfg.extract.batch_size, cfg.compute.xla)
+    if key not in sess.runners:
+        sess.runners[key] = X.batch_runner(cfg, sess.model, sess.names, sess.kinds, sess.size)
+    return sess.runners[key]
+
+
+def tune_on_worker(job, model_key, n):
+    """``extract.batch_size: auto`` / ``compute.xla`` decided on a worker's device: ``(record, log lines)``."""
+    from pipeline.extraction.tuning import decide
+
+    sess = _session(job, model_key)
+    lines = []
+    record, _ = decide(sess.cfg, sess.model, sess.names, sess.kinds, sess.size, sess.channels, n, lines.append)
+    return record, lines
 
 
 def drop_sessions():
@@ -213,9 +243,13 @@ def drop_sessions():
 
 def describe_model(job, model_key) -> dict:
     """Load the model on a worker and say what the client needs to lay out the store."""
+    from pipeline.config import batch_or
+    from pipeline.extraction.tuning import resolved
+
     sess = _session(job, model_key)
-    bs = min(sess.cfg.extract.batch_size, 64)  # only shapes are needed: a large batch_size must not cost memory here
-    arrays, _ = sess.run_batch(np.zeros((bs, *sess.size, sess.channels), np.uint8), 0, bs)
+    bs = min(batch_or(sess.cfg.extract.batch_size, 64), 64)  # only shapes are needed: a large batch_size must not cost memory here
+    run_batch = _runner(sess, resolved(sess.cfg, {"batch_size": bs, "xla": False}))
+    arrays, _ = run_batch(np.zeros((bs, *sess.size, sess.channels), np.uint8), 0, bs)
     extra = {k: (list(arrays[k].shape[1:]), "float32" if k == "logits" else "uint8")
              for k in ("logits", "thumbnails") if k in arrays}
     return {"layers": list(sess.model.layers), "name": sess.model.name, "names": sess.names,
@@ -223,21 +257,21 @@ def describe_model(job, model_key) -> dict:
             "extra_arrays": extra, "devices": sess.devices, "notes": sess.notes}
 
 
-def _shard_data(job, sess, stamp):
+def _shard_data(job, sess, cfg, stamp):
     """The dataset table and pixel loader of the run (re-read when ``dataset.parquet`` changes)."""
     from pipeline.inputs.dataset import pixel_loader
     from pipeline.extraction import plan as X
     from pipeline.storage.store import RunStore
 
     store = RunStore(job["out"])
-    stamp = (job["out"], stamp, Catalog(store).path("dataset").stat().st_mtime_ns)
+    stamp = (job["out"], stamp, Catalog(store).path("dataset").stat().st_mtime_ns, cfg.extract.batch_size)
     if sess.data is None or sess.data.stamp != stamp:
         dataset = Catalog(store).read("dataset")
         if "path" in dataset and not sess.cfg.data.npz:  # relative to the client's working directory
             dataset["path"] = [p if os.path.isabs(p) else os.path.join(job["cwd"], p) for p in dataset["path"]]
-        load = pixel_loader(sess.cfg.data, dataset, sess.size, sess.channels)
+        load = pixel_loader(cfg.data, dataset, sess.size, sess.channels)
         sess.data = SimpleNamespace(stamp=stamp, n=len(dataset), load=load,
-                                    groups=X.chunk_groups(len(dataset), sess.cfg.extract))
+                                    groups=X.chunk_groups(len(dataset), cfg.extract))
     return sess.data
 
 
@@ -254,7 +288,10 @@ def extract_shard(job, model_key, groups, stamp):
     from pipeline.extraction import plan as X
     from pipeline.storage.store import RunStore
 
+    from pipeline.config import Config
+
     sess = _session(job, model_key)
+    cfg = Config.model_validate(job["config"])  # batch size and XLA resolved by the client
     store = RunStore(job["out"])
     results, todo = {}, []
     for group in groups:
@@ -264,7 +301,7 @@ def extract_shard(job, model_key, groups, stamp):
         else:
             todo.append(group)
     if todo:
-        data = _shard_data(job, sess, stamp)
+        data = _shard_data(job, sess, cfg, stamp)
         root = zarr.open_group(str(store.path(X.ZARR + ".partial")), mode="r+")
 
         def record(g, bad):  # in the writer thread, once the group's chunks are all on disk
@@ -273,6 +310,6 @@ def extract_shard(job, model_key, groups, stamp):
             results[g] = bad
 
         # The local engine's loop (pipeline.extraction.loop), only the record of a finished group differs.
-        writer = ChunkWriter(root, record, data.n, X.chunk_rows(sess.cfg.extract))
-        stream_groups(sess.run_batch, data.load, data.groups, todo, data.n, sess.cfg.extract.batch_size, writer)
+        writer = ChunkWriter(root, record, data.n, X.chunk_rows(cfg.extract))
+        stream_groups(_runner(sess, cfg), data.load, data.groups, todo, data.n, cfg.extract.batch_size, writer)
     return [(g, results[g]) for g in groups]

@@ -7,11 +7,14 @@ renamed to ``activations.zarr`` only when every group is in.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pipeline.config import hash_json
 from pipeline.extraction.loop import ChunkWriter, stream_groups
 from pipeline.extraction.plan import (PROGRESS, ZARR, batch_runner, chosen_layers, chunk_groups, chunk_rows,
                                       extract_params, input_geometry, input_hashes, layer_kinds, open_arrays)
 from pipeline.extraction.steps import begin, dataset_of, finish
+from pipeline.extraction.tuning import decide, default_record, resolved
 from pipeline.inputs.dataset import pixel_loader
 from pipeline.inputs.models import load_model
 
@@ -30,15 +33,28 @@ def run(ctx):
     plan = hash_json({"params": extract_params(cfg), "inputs": input_hashes(cfg), "layers": names})
 
     progress = store.read_json(PROGRESS, default={})
-    if progress.get("plan") != plan or not store.exists(ZARR + ".partial"):
+    if progress.get("plan") != plan or not store.exists(ZARR + ".partial") or not _compute_of(ctx, progress):
         progress = begin(ctx, plan, size, channels)
     dataset = dataset_of(ctx)
+    record, forward = _compute_of(ctx, progress), None
+    if record is None:  # a fresh start: batch size and XLA decided once, then kept
+        record, forward = decide(cfg, model, names, kinds, size, channels, len(dataset), ctx.log)
+    if progress.get("compute") != record:
+        progress["compute"] = record
+        store.write_json(PROGRESS, progress)
+    ctx = replace(ctx, cfg=resolved(cfg, progress["compute"]))  # what the loop runs: numbers, on/off
     root = open_arrays(ctx, model, names, kinds, len(dataset), size, channels, fresh=not progress["done"])
-    stream(ctx, model, names, kinds, dataset, root, progress, size, channels)
+    stream(ctx, model, names, kinds, dataset, root, progress, size, channels, forward)
     return finish(ctx, root, progress, names, len(dataset))
 
 
-def stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
+def _compute_of(ctx, progress):
+    """The recorded batch size and XLA decision of this extraction (a progress file from before
+    they were recorded, with a fixed batch size and XLA off, had the config's)."""
+    return progress.get("compute") or (default_record(ctx.cfg) if progress.get("plan") else None)
+
+
+def stream(ctx, model, names, kinds, dataset, root, progress, size, channels, forward=None):
     """Every chunk group not yet done, through the device and onto disk, with a progress bar."""
     from pipeline.progress import progress as progress_bar
 
@@ -47,7 +63,7 @@ def stream(ctx, model, names, kinds, dataset, root, progress, size, channels):
     groups = chunk_groups(n, ex)
     done = set(progress["done"])
     todo = [g for g in range(len(groups)) if g not in done]
-    run_batch = batch_runner(cfg, model, names, kinds, size)
+    run_batch = batch_runner(cfg, model, names, kinds, size, forward)
     load = pixel_loader(cfg.data, dataset, size, channels)
     writer = ChunkWriter(root, progress_recorder(ctx.store, progress), n, chunk_rows(ex))
     bar = progress_bar(total=n, initial=n - sum(groups[g][1] - groups[g][0] for g in todo), unit="img",

@@ -33,7 +33,7 @@ def thumbnail_shape(size, limit):
 
 
 def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spatial_samples=0,
-                 thumb=None, jit=True):
+                 thumb=None, jit=True, jit_model=False):
     """Compile the per-batch computation.
 
     Parameters
@@ -57,6 +57,12 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         10.5 ms. The model stays on TensorFlow's own kernels: with XLA's CPU convolutions the bare
         forward ran 1.7-2.6x slower. If XLA cannot compile the summaries (first call), they run
         without it.
+    jit_model : bool
+        Compile the model part too (``compute.xla``), as one XLA cluster of its own (the
+        summaries stay per map). Slower on CPUs as measured above, often faster on GPUs: the
+        extract stage times both at start-up (:mod:`pipeline.extraction.tuning`). If XLA cannot
+        compile the model (an op without an XLA kernel; first call), it runs without XLA and
+        ``forward.xla_error`` says why.
 
     Returns
     -------
@@ -64,7 +70,9 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         ``forward(pixels_uint8, positions, valid=None) -> (dict of arrays, dict of non-finite counts)``;
         ``positions`` is a list with one ``(B, k, 2)`` int32 array per map layer (empty if k = 0);
         only the first ``valid`` rows (default all) are returned and checked, so a padded last
-        batch reuses the compiled graph. ``forward.jit`` says whether XLA is in use.
+        batch reuses the compiled graph. ``forward.jit`` says whether XLA compiles the summaries,
+        ``forward.jit_model`` whether it compiles the model (``forward.xla_error``: why not, when
+        it was asked to and could not).
     """
     import tensorflow as tf
 
@@ -116,16 +124,17 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         arrays["logits"] = logits
         return arrays, bad
 
-    def build(use_jit):
+    def build(use_jit, use_jit_model=False):
         # One XLA cluster per map, not one for all: each map's reductions start as soon as the map
         # exists and overlap the layers after it (a single cluster waited for every map and then
         # ran alone on one core: slower in wall time than no XLA at all).
         per_map = tf.function(map_summary, jit_compile=True) if use_jit else map_summary
+        model = tf.function(extractor, jit_compile=True) if use_jit_model else extractor
 
         # Callers pad the last batch to the full batch size, so this traces once.
         @tf.function
         def forward(pixels, positions, valid):
-            outputs, logits = extractor(tf.cast(pixels, tf.float32) * a + b)
+            outputs, logits = model(tf.cast(pixels, tf.float32) * a + b)
             arrays, bad = summarise(outputs, logits, positions, valid, per_map)
             if thumb is not None:
                 small = tf.image.resize(tf.cast(pixels, tf.float32), thumb, method="area")
@@ -134,21 +143,36 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
 
         return forward
 
-    compiled = build(jit)
+    compiled = build(jit, jit_model)
+    xla_failures = (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError)
 
     def run(pixels, positions=(), valid=None):
         nonlocal compiled
         valid = len(pixels) if valid is None else valid
         args = (pixels, list(positions), tf.constant(valid, tf.int32))
-        try:
-            arrays, bad = compiled(*args)
-        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError):
-            if not run.jit or run.calls:
-                raise
-            compiled, run.jit = build(False), False  # XLA could not compile it: the same graph without
-            arrays, bad = compiled(*args)
+        while True:
+            try:
+                arrays, bad = compiled(*args)
+                break
+            except xla_failures as exc:
+                if run.calls or not (run.jit or run.jit_model):
+                    raise
+                # XLA could not compile it: the same graph without XLA for the model first, then
+                # without it for the summaries too
+                if run.jit_model:
+                    run.jit_model, run.xla_error = False, _first_line(exc)
+                else:
+                    run.jit = False
+                compiled = build(run.jit, run.jit_model)
         run.calls += 1
         return ({k: v.numpy()[:valid] for k, v in arrays.items()}, {k: int(v) for k, v in bad.items()})
 
-    run.jit, run.calls = bool(jit), 0
+    run.jit, run.jit_model, run.xla_error, run.calls = bool(jit), bool(jit_model), None, 0
     return run
+
+
+def _first_line(exc) -> str:
+    """The gist of a TensorFlow error for a one-line message (its first non-empty line, shortened)."""
+    text = getattr(exc, "message", None) or str(exc)
+    line = next((l.strip() for l in text.splitlines() if l.strip()), type(exc).__name__)
+    return line if len(line) <= 200 else line[:197] + "..."

@@ -25,10 +25,16 @@ PROGRESS = artifact_path("extract_progress")
 
 
 def extract_params(cfg) -> dict:
-    """The config values that change the extracted arrays (the extract stage's ``params``)."""
+    """The config values that change the extracted arrays (the extract stage's ``params``).
+
+    ``compute.xla`` changes them only by float rounding; it is included when set (``on``/``off``)
+    so the default ``auto`` leaves the parameters, and run directories made before it, as they were.
+    """
     params = {"data": cfg.data.model_dump(mode="json", exclude={"images", "npz"}),
               "layers": cfg.layers, "extract": cfg.extract.model_dump(mode="json"), "seed": cfg.seed}
-    if cfg.compute.precision != "float32":  # only then: float32 runs keep their parameters
+    if cfg.compute.xla != "auto":
+        params["xla"] = cfg.compute.xla
+    if cfg.compute.precision != "float32":  # likewise: float32 runs keep their parameters
         params["precision"] = cfg.compute.precision
     return params
 
@@ -122,18 +128,38 @@ def open_arrays(ctx, model, names, kinds, n, size, channels, fresh):
     return root
 
 
-def batch_runner(cfg, model, names, kinds, size):
+def _thumbnail(size, ex):
+    """``(thumbnail shape or None, as_is)``: inputs no larger than thumbnail_size are their own thumbnails."""
+    thumb = thumbnail_shape(size, ex.thumbnail_size) if ex.thumbnail_size else None
+    return thumb, thumb == tuple(size)
+
+
+def build_forward(cfg, model, names, kinds, size, jit_model=None):
+    """The compiled per-batch computation (:func:`pipeline.extraction.forward.make_forward`) of this config.
+
+    ``jit_model`` (XLA for the model part) defaults to ``compute.xla: on``; ``auto`` is decided
+    before (:mod:`pipeline.extraction.tuning`) and counts as off here.
+    """
+    ex = cfg.extract
+    thumb, as_is = _thumbnail(size, ex)
+    if jit_model is None:
+        jit_model = cfg.compute.xla == "on"
+    return make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
+                        ex.dtype, ex.spatial_samples, None if as_is else thumb, jit_model=jit_model)
+
+
+def batch_runner(cfg, model, names, kinds, size, forward=None):
     """``run_batch(pixels, start, n) -> (arrays, bad)``: the compiled forward pass of one batch.
 
     A :class:`pipeline.extraction.loop.BatchRunner`. The last batch is padded to the batch size so
     the compiled graph is reused, not retraced; never beyond ``n``, the number of images (6
-    images with ``batch_size: 8192`` are one batch of 6).
+    images with ``batch_size: 8192`` are one batch of 6). ``extract.batch_size`` must be a number
+    here (``auto`` is resolved first: :mod:`pipeline.extraction.tuning`); ``forward`` reuses a
+    :func:`build_forward` already compiled (by the start-up probe).
     """
     ex = cfg.extract
-    thumb = thumbnail_shape(size, ex.thumbnail_size) if ex.thumbnail_size else None
-    as_is = thumb == tuple(size)  # inputs no larger than thumbnail_size are their own thumbnails
-    forward = make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
-                           ex.dtype, ex.spatial_samples, None if as_is else thumb)
+    _, as_is = _thumbnail(size, ex)
+    forward = forward or build_forward(cfg, model, names, kinds, size)
     maps = [(li, l) for li, l in enumerate(names) if kinds[l] == "map"]
     shapes = {i.name: i.output_shape for i in model.layers}
 

@@ -42,5 +42,7 @@ def finish(ctx, root, progress, names, n):
     for layer, count in bad.items():
         ctx.log(f"warning: layer {layer} produced {count} NaN/Inf values (stored as they are; "
                 "later stages treat affected units as dead)")
+    # compute: the batch size and XLA decision the arrays were computed with (extraction.tuning)
     return {"images": int(n), "skipped": int(len(ctx.catalog.read("skipped"))),
-            "layers": names, "nonfinite": bad, "classes": progress["classes"]}
+            "layers": names, "nonfinite": bad, "classes": progress["classes"],
+            "compute": progress.get("compute")}

@@ -151,11 +151,12 @@ def warm_up(model, names, kinds, size, channels, cfg, n_images=None) -> Warmup:
     """Time one compiled forward batch and one forward+backward batch (an act-max step) on ``model``."""
     import tensorflow as tf
 
-    from pipeline.config import parse_scale
+    from pipeline.config import batch_or, parse_scale
     from pipeline.extraction.forward import make_forward
     from pipeline.backend.tf import gpus
 
-    bs = min(cfg.extract.batch_size, n_images or cfg.extract.batch_size)  # extract never pads beyond N
+    extract_bs = batch_or(cfg.extract.batch_size, 64)  # auto: timed at the default (the stage probes its own)
+    bs = min(extract_bs, n_images or extract_bs)  # extract never pads beyond N
     forward = make_forward(model.build_extractor(names), kinds, cfg.extract.reduce, parse_scale(cfg.data.scale))
     pixels = np.random.default_rng(0).integers(0, 256, (bs, *size, channels), dtype=np.uint8)
     compile_fwd, t_fwd = _twice(lambda: forward(pixels))
@@ -164,7 +165,7 @@ def warm_up(model, names, kinds, size, channels, cfg, n_images=None) -> Warmup:
     from pipeline.maximize.render import input_size
 
     h, w, c = input_size(model, cfg.maximize.size)
-    mb = cfg.maximize.batch_size
+    mb = batch_or(cfg.maximize.batch_size, 32)
     deepest = model.build_extractor([names[-1]])
     a, b = parse_scale(cfg.data.scale)
 

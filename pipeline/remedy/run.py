@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import STAGES, hash_json
+from pipeline.config import STAGES, batch_or, hash_json
 from pipeline.errors import UserError
 
 from pipeline.remedy.layout import (ACCURACY, CLUSTERS, HISTORY, MODEL, REPORT, SPLIT, SUMMARY,
@@ -250,7 +250,8 @@ def _fine_tune_and_evaluate(t, store, fingerprint, log):
     scale = parse_scale(cfg.data.scale)
 
     wrapped = load_model(cfg.model, cfg.trust_model)   # a copy in memory: the user's file is only read
-    before = _passes(wrapped, pixels, index, probes, scale, cfg.seed, cfg.extract.batch_size)
+    batch_size = batch_or(cfg.extract.batch_size, 64)
+    before = _passes(wrapped, pixels, index, probes, scale, cfg.seed, batch_size)
     model = wrapped.model
     from_logits = not outputs_probabilities(model, _logits_fn(wrapped),
                                             pixels[:8].astype(np.float32) * scale[0] + scale[1])
@@ -263,7 +264,7 @@ def _fine_tune_and_evaluate(t, store, fingerprint, log):
                       log=lambda m: log(f"fine-tune {m}"))
     _save_model(model, store)
     remedied = load_model(store.path(MODEL), cfg.trust_model)   # plain Keras, as a user will load it
-    after = _passes(remedied, pixels, index, probes, scale, cfg.seed, cfg.extract.batch_size)
+    after = _passes(remedied, pixels, index, probes, scale, cfg.seed, batch_size)
 
     from pipeline.shortcuts.verdicts import Rules, shortcut_tables
 
@@ -303,7 +304,7 @@ def _load_pixels(cfg, dataset, rows, size, channels):
     from pipeline.inputs.dataset import pixel_loader
 
     load = pixel_loader(cfg.data, dataset, size, channels)
-    bs = max(cfg.extract.batch_size, 64)
+    bs = max(batch_or(cfg.extract.batch_size, 64), 64)
     return np.concatenate([load(rows[i:i + bs]) for i in range(0, len(rows), bs)]) if len(rows) else \
         np.zeros((0, *size, channels), np.uint8)
 

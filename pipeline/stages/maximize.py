@@ -95,9 +95,9 @@ def run(ctx):
     groups = _plan(ctx, root, order, infos)
     params_hash = _render_hash(cfg)
     done, todo = _resume(store, groups, params_hash)
-    rendered, missing = _render_all(ctx, groups, todo, done, params_hash)
+    rendered, missing, batching = _render_all(ctx, groups, todo, done, params_hash)
     index = _index(groups, done, params_hash)
-    return Outputs({"maximize": index}, _summary(ctx, index, rendered, missing))
+    return Outputs({"maximize": index}, {**_summary(ctx, index, rendered, missing), "compute": batching})
 
 
 # -- planning --
@@ -242,29 +242,90 @@ def _render_all(ctx, groups, todo, done, params_hash):
     mx = ctx.cfg.maximize
     total = sum(len(v) for v in todo.values())
     if total == 0:
-        return 0, 0
+        return 0, 0, {"batch_size": _recorded_batch(done) or mx.batch_size}
     cfg = ctx.cfg
     model = load_model(cfg.model, cfg.trust_model, cfg.compute.precision, lambda note: ctx.log(f"maximize: {note}"))
     budget = Budget(mx.max_seconds)
+    batch_size, batching = _batch_size(ctx, model, groups, todo, done)
     bar = progress(total=total, unit="img", desc="maximize")
     rendered = 0
     for g in render_order(groups):
         if not todo[g.name]:
             continue
         renderer = _renderer(ctx, model, g)
-        for batch, size in _batches(todo[g.name], mx.batch_size, budget):
+        for batch, size in _batches(todo[g.name], batch_size, budget):
             if not batch:
                 bar.close()
-                return rendered, total - rendered
+                return rendered, total - rendered, batching
             t0 = time.monotonic()
             rows = _render_batch(ctx, renderer, batch, params_hash, size=size)
+            rows["batch_size"] = batch_size  # kept with the images: a rerun renders the rest at this size
             budget.record(size, time.monotonic() - t0)
             done[g.name] = pd.concat([done[g.name], rows], ignore_index=True).drop_duplicates("key", keep="last")
             ctx.store.write_table(g.part, done[g.name])
             rendered += len(batch)
             bar.update(len(batch))
     bar.close()
-    return rendered, 0
+    return rendered, 0, batching
+
+
+PROBE_STEPS = 8          # maximize.batch_size auto: optimisation steps per timed call
+START, CAP = 8, 256      # batch sizes tried: 8, 16, ... 256 (and never more than a group's images)
+
+
+def _batch_size(ctx, model, groups, todo, done):
+    """``maximize.batch_size`` as a number, and the record for the summary.
+
+    ``auto``: the size the images already rendered with these parameters were rendered at (the
+    part files keep it), else the size :func:`pipeline.backend.autobatch.search` finds with
+    short renders (:data:`PROBE_STEPS` steps) of the first group to render.
+    """
+    mx = ctx.cfg.maximize
+    if mx.batch_size != "auto":
+        return int(mx.batch_size), {"batch_size": int(mx.batch_size)}
+    recorded = _recorded_batch(done)
+    if recorded:
+        ctx.log(f"maximize: batch size auto → {recorded} (as the images already rendered)")
+        return recorded, {"batch_size": recorded, "batch_search": "reused from the images already rendered"}
+    choice = _search_batch(ctx, model, groups, todo)
+    ctx.log(f"maximize: batch size auto → {choice.line()}")
+    return choice.size, {"batch_size": choice.size, "batch_search": choice.record()}
+
+
+def _recorded_batch(done):
+    """The batch size recorded in the part files' rows (of the current render parameters), or ``None``."""
+    for rows in done.values():
+        if "batch_size" in rows and rows["batch_size"].notna().any():
+            return int(rows["batch_size"].dropna().iloc[-1])
+    return None
+
+
+def _search_batch(ctx, model, groups, todo):
+    """Time short renders of the first group to render at growing batch sizes (its own targets, repeated)."""
+    from dataclasses import replace
+
+    from pipeline.backend import autobatch
+    from pipeline.maximize.render import input_size
+
+    mx = ctx.cfg.maximize
+    first = next(g for g in render_order(groups) if todo[g.name])
+    short = ctx.cfg.model_copy(update={"maximize": mx.model_copy(update={"steps": PROBE_STEPS})})
+    renderer = _renderer(replace(ctx, cfg=short), model, first)
+    targets = todo[first.name]
+
+    def call(size):
+        padded = [targets[i % len(targets)] for i in range(size)]
+        classes = padded[0].kind == "class"
+        renderer([t.seed for t in padded],
+                 np.array([t.index for t in padded]) if classes else np.stack([t.vector for t in padded]))
+
+    memory = None
+    if autobatch.cpu_only():  # forward, gradient and optimiser state of every layer, per image
+        h, w, c = input_size(model, mx.size)
+        shapes = [(h, w, c)] + [layer.output_shape for layer in model.layers]
+        memory = autobatch.memory_cap(3 * autobatch.activation_bytes(shapes, side=max(h, w)))
+    return autobatch.search(autobatch.timed(call), start=START, cap=CAP,
+                            limit=max(len(v) for v in todo.values()), memory=memory)
 
 
 class Budget:
