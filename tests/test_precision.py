@@ -5,25 +5,25 @@ small model with the parts real image models have: BatchNorm with non-trivial st
 separable and depthwise convolutions, a strided 1x1 shortcut, a residual add and a softmax head.
 
 Tolerances, and why. float16 keeps 11 significant bits (rounding error 2^-11 = 4.9e-4 per
-operation), bfloat16 8 (2^-8 = 3.9e-3); errors accumulate over the layers. Measured on this
-model and image set (and on a 64x64 mini-Xception, deeper: the same order):
+operation), bfloat16 8 (2^-8 = 3.9e-3); errors accumulate over the layers. Measured here (CPU,
+TensorFlow 2.21), each tolerance 3-10x the measurement (errors grow with depth):
 
-============================================  ============  ============  =========  ==========
-quantity                                      float16 meas  float16 tol   bf16 meas  bf16 tol
-============================================  ============  ============  =========  ==========
-max |error| / max |value|, per layer and      1.2e-3        1e-2          1.0e-2     4e-2
-reduction (extracted mean / max arrays)
-Spearman rank correlation of the units'       1.000         0.99          0.997      0.99
-dataset means, per layer
-objective on a fixed image, max |error| /     3e-4          1e-2          3e-3       4e-2
-max |value|
-cosine of the input gradient, per image       0.9999        0.99          0.987      0.98
-(live units)
-32-step render: max |score error| / max       4e-3          2e-2          4e-3       5e-2
-score
-============================================  ============  ============  =========  ==========
+==============================================  ============  =============
+quantity (tolerance)                            float16       bfloat16
+==============================================  ============  =============
+extracted mean/max arrays: max |error| / max    1.9e-3 (1e-2) 1.4e-2 (4e-2)
+|value|, worst layer and reduction
+Spearman correlation of the units' dataset      1.000 (0.99)  1.000 (0.99)
+means, worst layer
+objective on fixed images: max |error| / max    2.4e-5 (1e-2) 3.2e-4 (4e-2)
+|value|
+input-gradient cosine, worst image (live unit)  0.9991 (0.99) 0.9972 (0.98)
+32-step render, gain over the start image:      2.1e-3 (0.02) 5.0e-2 (0.15)
+max |gain error| / max gain
+==============================================  ============  =============
 
-bfloat16's gradient cosine gets its own, lower bound: 0.99 would be at its measured minimum.
+bfloat16's gradient bound is lower than 0.99 because on a deeper model (the 64x64 mini-Xception,
+last separable convolution) its worst cosine was 0.987 (float16: 0.998).
 """
 import numpy as np
 import pytest
@@ -36,8 +36,8 @@ from pipeline.inputs.models import KerasModel, load_model, with_precision
 SIZE = 32
 LAYERS = ["stem_relu", "sep_relu", "add", "dw", "out"]
 TOLERANCE = {  # see the module docstring
-    "mixed_float16": {"rel": 1e-2, "rank": 0.99, "cos": 0.99, "render": 2e-2},
-    "mixed_bfloat16": {"rel": 4e-2, "rank": 0.99, "cos": 0.98, "render": 5e-2},
+    "mixed_float16": {"rel": 1e-2, "rank": 0.99, "cos": 0.99, "gain": 0.02},
+    "mixed_bfloat16": {"rel": 4e-2, "rank": 0.99, "cos": 0.98, "gain": 0.15},
 }
 
 
@@ -237,9 +237,9 @@ def test_a_short_render_reaches_the_float32_score(base, mixed, policy):
     reference, got = render(base), render(mixed[0])
     for field in ("images", "values", "initial", "trace"):
         assert getattr(got, field).dtype == np.float32, field
-    assert (reference.values > reference.initial).all()  # the render climbs ...
-    assert (got.values > got.initial).all()
-    assert scale_free_error(reference.values, got.values) <= TOLERANCE[policy]["render"]  # ... as high
+    gain, gain32 = got.values - got.initial, reference.values - reference.initial
+    assert (gain32 > 0).all() and (gain > 0).all()  # the render climbs ...
+    assert scale_free_error(gain32, gain) <= TOLERANCE[policy]["gain"]  # ... as far
 
 
 # --------------------------------------------------------------------------- models it cannot apply to
