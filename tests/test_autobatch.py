@@ -186,7 +186,10 @@ def test_interrupted_auto_extract_resumes_with_the_recorded_size(tiny, monkeypat
     assert "batch size auto →" in first
 
     extract(cfg)  # resumes: no new probe, the recorded size and the same arrays as that fixed size
-    assert "batch size auto" not in capsys.readouterr().err
+    size = progress["compute"]["batch_size"]
+    again = capsys.readouterr().err
+    assert f"extract: batch size auto → {size} (recorded when this extraction started)" in again
+    assert "tried" not in again and "compute.xla" not in again
     assert summary(cfg)["compute"] == progress["compute"]
     fixed = tiny("fixed", extract={"batch_size": progress["compute"]["batch_size"], "chunk_rows": 1})
     extract(fixed)

@@ -51,7 +51,7 @@ def run(ctx):
     from pipeline.progress import progress as progress_bar
     from pipeline.extraction import plan as X
     from pipeline.extraction.steps import begin, dataset_of, finish
-    from pipeline.extraction.tuning import default_record, resolved
+    from pipeline.extraction.tuning import default_record, resolved, reused_line
 
     cfg, store = ctx.cfg, ctx.store
     client = distributed.client_for(cfg)
@@ -78,6 +78,8 @@ def run(ctx):
         record, lines = client.submit(tune_on_worker, job, model_key, n, pure=False).result()
         for line in lines:
             ctx.log(line)
+    elif reused_line(cfg, record):
+        ctx.log(reused_line(cfg, record))
     progress["compute"] = record
     cfg = resolved(cfg, record)  # what the workers run: numbers, on/off
     ctx, job, ex = replace(ctx, cfg=cfg), _job(cfg, store), cfg.extract

@@ -14,7 +14,7 @@ from pipeline.extraction.loop import ChunkWriter, stream_groups
 from pipeline.extraction.plan import (PROGRESS, ZARR, batch_runner, chosen_layers, chunk_groups, chunk_rows,
                                       extract_params, input_geometry, input_hashes, layer_kinds, open_arrays)
 from pipeline.extraction.steps import begin, dataset_of, finish
-from pipeline.extraction.tuning import decide, default_record, resolved
+from pipeline.extraction.tuning import decide, default_record, resolved, reused_line
 from pipeline.inputs.dataset import pixel_loader
 from pipeline.inputs.models import load_model
 
@@ -39,6 +39,8 @@ def run(ctx):
     record, forward = _compute_of(ctx, progress), None
     if record is None:  # a fresh start: batch size and XLA decided once, then kept
         record, forward = decide(cfg, model, names, kinds, size, channels, len(dataset), ctx.log)
+    elif reused_line(cfg, record):
+        ctx.log(reused_line(cfg, record))
     if progress.get("compute") != record:
         progress["compute"] = record
         store.write_json(PROGRESS, progress)

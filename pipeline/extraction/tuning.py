@@ -133,6 +133,13 @@ class _Probe:
         return chosen
 
 
+def reused_line(cfg, record):
+    """The log line of a resumed extraction that reuses the recorded batch size (``None`` if it was fixed)."""
+    if cfg.extract.batch_size != "auto":
+        return None
+    return f"extract: batch size auto → {record['batch_size']} (recorded when this extraction started)"
+
+
 def resolved(cfg, record):
     """``cfg`` with the recorded decisions: a number for ``extract.batch_size``, ``on``/``off`` for XLA."""
     ex = cfg.extract.model_copy(update={"batch_size": int(record["batch_size"])})
