@@ -116,6 +116,31 @@ def test_transforms_keep_track_of_size_and_randomness(tf):
     assert T.jitter_only(32).n_random == 4
 
 
+def test_a_chain_of_geometric_transforms_samples_the_image_once(tf):
+    """compose fuses pad/jitter/scale/rotate/crop into one warp: exact for whole-pixel moves, and
+    within interpolation error of the step-by-step chain when scaling and rotating."""
+    from pipeline.maximize import transforms as T
+
+    rng = np.random.default_rng(1)
+    img = tf.nn.avg_pool2d(rng.random((3, 40, 40, 3)).astype(np.float32), 5, 1, "SAME").numpy()
+
+    def chain(fuse, moves_only=False):
+        parts = [T.pad(4), T.jitter(3)] + ([] if moves_only else [T.random_scale(), T.random_rotate(10)])
+        return T.compose(parts + [T.jitter(2), T.crop_or_pad(36, 38)], fuse=fuse)
+
+    u = rng.random((3, 6)).astype(np.float32)
+    fused, stepwise = chain(True)(img, u).numpy(), chain(False)(img, u).numpy()
+    assert fused.shape == stepwise.shape == (3, 36, 38, 3)
+    assert np.abs(fused - stepwise).mean() < 0.01 and np.abs(fused - stepwise).max() < 0.15
+    assert not np.array_equal(fused, stepwise)  # rotation interpolates once instead of twice
+    u = rng.random((3, 4)).astype(np.float32)
+    np.testing.assert_array_equal(chain(True, True)(img, u), chain(False, True)(img, u))
+    # A non-geometric transform between two runs splits the fusion and still applies.
+    darken = T.Transform(lambda images, u: images * 0.5, 0, "darken")
+    both = T.compose([T.pad(2), T.jitter(4), darken, T.crop_or_pad(40, 40)])  # u = 0.5: jitter back by 2
+    np.testing.assert_allclose(both(img, np.full((3, 2), 0.5, np.float32)), img * 0.5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- rendering
 
 

@@ -103,6 +103,54 @@ def slow_model(filters=32, size=48, classes=3):
     return k.Model(inp, k.layers.Dense(classes, name="out")(x))
 
 
+def mini_xception(size=64, classes=7, width=(16, 32, 64, 128), l2=0.01):
+    """A mini-Xception face-emotion classifier (Arriaga et al. 2017) as published: grey input.
+
+    A stem of two 8-filter 3x3 convolutions with BatchNorm, then one residual module per entry of
+    ``width``: two separable 3x3 convolutions with BatchNorm, a 3x3/2 max pool, added to a strided
+    1x1 convolution of the module's input. A 3x3 convolution to ``classes`` maps, global average
+    pooling and a softmax end it. The last module's separable convolutions have 128 channels
+    (``sep4b``, at ``size / 8`` px); its sum is ``add4``. Inputs are in [-1, 1].
+
+    Parameters
+    ----------
+    size : int, default=64
+        Input height and width (one channel).
+    classes : int, default=7
+    width : tuple of int
+        Channels of each residual module.
+    l2 : float
+        L2 weight regularisation of the convolutions, as published.
+
+    Returns
+    -------
+    keras.Model
+    """
+    k = _keras()
+    reg = k.regularizers.l2(l2)
+    inp = k.Input((size, size, 1))
+    x = inp
+    for i in (1, 2):
+        x = k.layers.Conv2D(8, 3, use_bias=False, kernel_regularizer=reg, name=f"stem{i}")(x)
+        x = k.layers.BatchNormalization(name=f"stem{i}_bn")(x)
+        x = k.layers.Activation("relu", name=f"stem{i}_relu")(x)
+    for m, filters in enumerate(width, start=1):
+        residual = k.layers.Conv2D(filters, 1, strides=2, padding="same", use_bias=False, name=f"res{m}")(x)
+        residual = k.layers.BatchNormalization(name=f"res{m}_bn")(residual)
+        x = k.layers.SeparableConv2D(filters, 3, padding="same", depthwise_regularizer=reg,
+                                     pointwise_regularizer=reg, use_bias=False, name=f"sep{m}a")(x)
+        x = k.layers.BatchNormalization(name=f"sep{m}a_bn")(x)
+        x = k.layers.Activation("relu", name=f"sep{m}a_relu")(x)
+        x = k.layers.SeparableConv2D(filters, 3, padding="same", depthwise_regularizer=reg,
+                                     pointwise_regularizer=reg, use_bias=False, name=f"sep{m}b")(x)
+        x = k.layers.BatchNormalization(name=f"sep{m}b_bn")(x)
+        x = k.layers.MaxPooling2D(3, strides=2, padding="same", name=f"pool{m}")(x)
+        x = k.layers.Add(name=f"add{m}")([x, residual])
+    x = k.layers.Conv2D(classes, 3, padding="same", name="head")(x)
+    x = k.layers.GlobalAveragePooling2D(name="gap")(x)
+    return k.Model(inp, k.layers.Activation("softmax", name="predictions")(x), name="mini_xception")
+
+
 ARCHITECTURES = {"sequential": sequential, "branched": branched, "nested": nested,
                  "batchnorm": batchnorm, "depthwise": depthwise}
 

@@ -9,6 +9,14 @@ Transforms are built by small functions (``jitter(4)``) and chained by :func:`co
 ``pad`` and ``jitter`` change the image size (Lucid semantics); ``random_scale`` and
 ``random_rotate`` keep it; :func:`crop_or_pad` brings a batch back to the model's input size.
 
+Every geometric transform here is also an affine map (:class:`Affine`): which input pixel each
+output pixel samples. :func:`compose` multiplies the maps of consecutive geometric transforms
+and samples the image once: the standard chain (pad, jitter, scale, rotate, jitter, crop) is one
+bilinear warp of the image instead of five passes over a padded copy, forward and backward. On a
+mini-Xception at 64x64 (batch 32) the warps took 11 % of a step as a chain. Integer jitter offsets
+sample exactly under bilinear interpolation, and what lies beyond the image is the padding's grey,
+as in the chain; what differs is that scaling and rotation interpolate once, not twice.
+
 Examples
 --------
 >>> import numpy as np
@@ -23,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 from pipeline.backend.tf import tensorflow
 
@@ -31,12 +39,33 @@ tf = tensorflow()
 
 
 @dataclass(frozen=True)
+class Affine:
+    """A geometric transform as a map from output to input pixel coordinates.
+
+    Attributes
+    ----------
+    matrix : callable
+        ``matrix((h, w), u, n) -> ((n, 3, 3) tensor, (out_h, out_w))``: homogeneous ``(x, y, 1)``
+        of an output pixel to the input pixel it samples, for ``n`` inputs of ``(h, w)``.
+    fill : float or None
+        Value beyond the input's edge (``pad``), or ``None`` to reflect the image there.
+    bilinear : bool
+        Whether the transform needs interpolation (jitter and crops move by whole pixels).
+    """
+
+    matrix: Callable
+    fill: Optional[float] = None
+    bilinear: bool = False
+
+
+@dataclass(frozen=True)
 class Transform:
-    """``fn(images, u) -> images`` drawing ``n_random`` uniforms per image."""
+    """``fn(images, u) -> images`` drawing ``n_random`` uniforms per image (``affine`` when geometric)."""
 
     fn: Callable
     n_random: int = 0
     name: str = "transform"
+    affine: Optional[Affine] = None
 
     def __call__(self, images, u=None):
         return self.fn(tf.convert_to_tensor(images, tf.float32), u)
@@ -61,19 +90,29 @@ def pad(width, value=0.5) -> Transform:
     def fn(images, u):
         return tf.pad(images, [[0, 0], [width, width], [width, width], [0, 0]], constant_values=value)
 
-    return Transform(fn, 0, f"pad({width})")
+    def matrix(hw, u, n):
+        return _translation(n, -width, -width), (hw[0] + 2 * width, hw[1] + 2 * width)
+
+    return Transform(fn, 0, f"pad({width})", Affine(matrix, fill=value))
 
 
 def jitter(d) -> Transform:
     """Crop ``d`` pixels off each axis at a random offset per image (the image shrinks by ``d``)."""
+    def offsets(u):
+        return tf.floor(tf.cast(u, tf.float32) * (d + 1))  # integers 0..d
+
     def fn(images, u):
         h, w = _static_hw(images)
-        offset = tf.floor(tf.cast(u, tf.float32) * (d + 1))  # integers 0..d
+        offset = offsets(u)
         ones, zeros = tf.ones_like(offset[:, 0]), tf.zeros_like(offset[:, 0])
         m = tf.stack([ones, zeros, offset[:, 0], zeros, ones, offset[:, 1], zeros, zeros], axis=1)
         return _warp(images, m, [h - d, w - d], interpolation="NEAREST")
 
-    return Transform(fn, 2, f"jitter({d})")
+    def matrix(hw, u, n):
+        offset = offsets(u)
+        return _translation(n, offset[:, 0], offset[:, 1]), (hw[0] - d, hw[1] - d)
+
+    return Transform(fn, 2, f"jitter({d})", Affine(matrix))
 
 
 def _about_centre(images, a, b, c, d):
@@ -85,24 +124,49 @@ def _about_centre(images, a, b, c, d):
     return _warp(images, m, [h, w])
 
 
+def _translation(n, dx, dy):
+    """``(n, 3, 3)`` matrices moving by ``(dx, dy)`` (tensors or numbers)."""
+    dx = tf.broadcast_to(tf.cast(dx, tf.float32), [n])
+    dy = tf.broadcast_to(tf.cast(dy, tf.float32), [n])
+    ones, zeros = tf.ones([n]), tf.zeros([n])
+    return tf.reshape(tf.stack([ones, zeros, dx, zeros, ones, dy, zeros, zeros, ones], axis=1), [-1, 3, 3])
+
+
+def _centred(hw, a, b, c, d):
+    """``(B, 3, 3)`` matrices of the linear map ``[[a, b], [c, d]]`` about the centre of an ``hw`` image."""
+    h, w = hw
+    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
+    zeros, ones = tf.zeros_like(a), tf.ones_like(a)
+    m = tf.stack([a, b, cx - a * cx - b * cy, c, d, cy - c * cx - d * cy, zeros, zeros, ones], axis=1)
+    return tf.reshape(m, [-1, 3, 3]), (h, w)
+
+
 def random_scale(low=0.9, high=1.1) -> Transform:
     """Zoom each image by a factor drawn uniformly from [low, high], keeping its size."""
-    def fn(images, u):
+    def linear(u):
         s = low + (high - low) * tf.cast(u[:, 0], tf.float32)
         zeros = tf.zeros_like(s)
-        return _about_centre(images, 1.0 / s, zeros, zeros, 1.0 / s)
+        return 1.0 / s, zeros, zeros, 1.0 / s
 
-    return Transform(fn, 1, f"random_scale({low}, {high})")
+    def fn(images, u):
+        return _about_centre(images, *linear(u))
+
+    return Transform(fn, 1, f"random_scale({low}, {high})",
+                     Affine(lambda hw, u, n: _centred(hw, *linear(u)), bilinear=True))
 
 
 def random_rotate(degrees=10.0) -> Transform:
     """Rotate each image by an angle drawn uniformly from [-degrees, degrees], keeping its size."""
-    def fn(images, u):
+    def linear(u):
         angle = (2.0 * tf.cast(u[:, 0], tf.float32) - 1.0) * (degrees * math.pi / 180.0)
         cos, sin = tf.cos(angle), tf.sin(angle)
-        return _about_centre(images, cos, -sin, sin, cos)
+        return cos, -sin, sin, cos
 
-    return Transform(fn, 1, f"random_rotate({degrees})")
+    def fn(images, u):
+        return _about_centre(images, *linear(u))
+
+    return Transform(fn, 1, f"random_rotate({degrees})",
+                     Affine(lambda hw, u, n: _centred(hw, *linear(u)), bilinear=True))
 
 
 def crop_or_pad(height, width, value=0.5) -> Transform:
@@ -117,22 +181,84 @@ def crop_or_pad(height, width, value=0.5) -> Transform:
             top, left = max(top, 0), max(left, 0)
         return images[:, top:top + height, left:left + width, :]
 
-    return Transform(fn, 0, f"crop_or_pad({height}, {width})")
+    def matrix(hw, u, n):
+        # Same placement as fn: the top-left offset (h - height) // 2 (negative: padding).
+        return _translation(n, (hw[1] - width) // 2, (hw[0] - height) // 2), (height, width)
+
+    return Transform(fn, 0, f"crop_or_pad({height}, {width})", Affine(matrix, fill=value))
 
 
-def compose(transforms) -> Transform:
-    """Apply ``transforms`` in order; each gets its own slice of the random numbers."""
+def compose(transforms, fuse=True) -> Transform:
+    """Apply ``transforms`` in order; each gets its own slice of the random numbers.
+
+    With ``fuse``, each run of consecutive geometric transforms (``affine``) samples the image
+    once, through the product of their maps (see the module notes); otherwise each runs alone.
+    """
     transforms = list(transforms)
     sizes = [t.n_random for t in transforms]
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    steps = _fused_runs(transforms, starts, sizes) if fuse else [
+        (t.fn, start, n) for t, start, n in zip(transforms, starts, sizes)]
 
     def fn(images, u):
-        start = 0
-        for t, n in zip(transforms, sizes):
-            images = t.fn(images, None if n == 0 else u[:, start:start + n])
-            start += n
+        for step, start, n in steps:
+            images = step(images, None if n == 0 else u[:, start:start + n])
         return images
 
-    return Transform(fn, sum(sizes), " -> ".join(t.name for t in transforms) or "identity")
+    affine = _product(transforms, starts, sizes) if fuse and transforms and all(
+        t.affine for t in transforms) else None
+    return Transform(fn, sum(sizes), " -> ".join(t.name for t in transforms) or "identity", affine)
+
+
+def _product(transforms, starts, sizes):
+    """The :class:`Affine` of affine ``transforms`` done in order (so a composed chain fuses with more)."""
+    fills = [t.affine.fill for t in transforms if t.affine.fill is not None]
+
+    def matrix(hw, u, n):
+        total = None
+        for t, start, k in zip(transforms, starts, sizes):
+            m, hw = t.affine.matrix(hw, None if k == 0 else u[:, start:start + k], n)
+            total = m if total is None else tf.linalg.matmul(total, m)
+        return total, hw
+
+    return Affine(matrix, fills[0] if fills else None, any(t.affine.bilinear for t in transforms))
+
+
+def _fused_runs(transforms, starts, sizes):
+    """``[(fn, start, n)]``: lone transforms as they are, runs of two or more affine ones fused."""
+    steps, run = [], []
+
+    def flush():
+        if len(run) == 1:
+            t, start, n = run[0]
+            steps.append((t.fn, start, n))
+        elif run:
+            steps.append((_fused([t for t, *_ in run]), run[0][1], sum(n for *_, n in run)))
+        run.clear()
+
+    for t, start, n in zip(transforms, starts, sizes):
+        if t.affine is None:
+            flush()
+            steps.append((t.fn, start, n))
+        else:
+            run.append((t, start, n))
+    flush()
+    return steps
+
+
+def _fused(transforms):
+    """One warp doing the affine ``transforms`` in order."""
+    sizes = [t.n_random for t in transforms]
+    affine = _product(transforms, [sum(sizes[:i]) for i in range(len(sizes))], sizes)
+
+    def fn(images, u):
+        total, hw = affine.matrix(_static_hw(images), u, tf.shape(images)[0])
+        flat = tf.reshape(total, [-1, 9])[:, :8]  # the last row stays (0, 0, 1)
+        fill = affine.fill is not None
+        return _warp(images, flat, list(hw), "BILINEAR" if affine.bilinear else "NEAREST",
+                     "CONSTANT" if fill else "REFLECT", affine.fill if fill else 0.0)
+
+    return fn
 
 
 def identity() -> Transform:
