@@ -304,3 +304,38 @@ def test_maximize_auto_times_short_renders_when_there_is_a_choice(tiny, monkeypa
     assert compute["batch_size"] in (4, 8) and sizes and set(sizes) <= {4, 8}
     assert [t["size"] for t in compute["batch_search"]["trials"]] == sorted(set(sizes))
     assert f"maximize: batch size auto → {compute['batch_size']} (" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- XLA for the act-max step
+
+
+def test_maximize_xla_on_compiles_the_step_records_it_and_auto_stays_off_on_a_cpu(tiny, capsys):
+    cfg = maximize_config(tiny, batch_size=8)
+    extract(cfg)
+    compute = maximize(cfg)["compute"]
+    assert compute["xla"] == "off" and compute["xla_reason"].startswith("CPU")  # auto, no GPU here
+    store = RunStore(cfg.out_dir)
+    assert not store.read_table("maximize/conv_b.part.parquet")["xla"].any()
+
+    on = tiny("mx-on", layers=["conv_b"], compute={"xla": "on"},
+              maximize={"steps": 4, "units": "all", "clusters": False, "classes": False, "max_seconds": None})
+    extract(on)
+    assert maximize(on)["compute"]["xla"] == "on"
+    assert RunStore(on.out_dir).read_table("maximize/conv_b.part.parquet")["xla"].all()
+    assert "cannot compile" not in capsys.readouterr().err
+
+
+def test_decide_xla_keeps_it_only_when_it_pays_and_compiles():
+    from pipeline.stages.maximize import decide_xla
+
+    assert decide_xla(lambda jit: 1.0 if jit else 2.0)[0] is True
+    use, why = decide_xla(lambda jit: 1.0 if jit else 1.02)
+    assert use is False and why.startswith("XLA not faster")
+
+    def no_kernel(jit):
+        if jit:
+            raise RuntimeError("Detected unsupported operations: PyFunc\nmore")
+        return 1.0
+
+    use, why = decide_xla(no_kernel)
+    assert use is False and why == "XLA cannot compile the step: Detected unsupported operations: PyFunc"

@@ -213,6 +213,41 @@ def test_objective_rises_and_the_same_seed_gives_the_same_image_in_any_batch(det
     assert not np.array_equal(a.images[0], c.images[0])  # another seed, another image
 
 
+def test_the_xla_compiled_step_is_reproducible_and_falls_back_when_an_op_has_no_kernel(detector, tf):
+    from pipeline.inputs.models import KerasModel
+    from pipeline.maximize import objectives as obj
+    from pipeline.maximize.render import Renderer
+
+    xla = Renderer(detector, lambda units: obj.channel("det", units), steps=16, jit_compile=True)
+    a, b = xla(seeds=[3, 4], targets=[0, 1]), xla(seeds=[3], targets=[0])
+    assert xla.jit_compile and xla.xla_error is None
+    np.testing.assert_array_equal(a.images[0], b.images[0])  # same seed, same image, under XLA too
+    assert (a.values > a.initial).all()
+    plain = Renderer(detector, lambda units: obj.channel("det", units), steps=16)(seeds=[3, 4], targets=[0, 1])
+    assert np.abs(plain.values - a.values).max() < 0.25 * np.abs(plain.values).max()  # same optimisation
+
+    class NoKernel(KerasModel):
+        """The model behind an identity warp: an op with a gradient but no XLA kernel."""
+
+        def build_extractor(self, names):
+            inner = super().build_extractor(names)
+
+            def run(x):
+                return inner(tf.raw_ops.ImageProjectiveTransformV3(
+                    images=x, transforms=tf.constant([[1.0, 0, 0, 0, 1.0, 0, 0, 0]]), output_shape=tf.shape(x)[1:3], fill_value=0.0,
+                    interpolation="NEAREST", fill_mode="CONSTANT"))
+            return run
+
+    def renderer(jit):
+        return Renderer(NoKernel(detector, name="det"), lambda units: obj.channel("det", units), steps=16,
+                        jit_compile=jit)
+
+    fallback = renderer(True)
+    c = fallback(seeds=[3, 4], targets=[0, 1])
+    assert not fallback.jit_compile and "ImageProjectiveTransformV3" in fallback.xla_error, fallback.xla_error
+    np.testing.assert_array_equal(c.images, renderer(False)(seeds=[3, 4], targets=[0, 1]).images)
+
+
 def test_silent_relu_units_still_move_with_the_redirected_gradient(keras, tf):
     from pipeline.maximize import objectives as obj
     from pipeline.maximize.render import Renderer

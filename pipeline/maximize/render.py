@@ -105,6 +105,11 @@ class Renderer:
         Lucid's redirected ReLU gradient: where a ReLU passes no gradient at all for an image
         (the unit is silent on it, as on the grey start image), let through the part of the
         gradient that would raise its input. Without it such units never move.
+    jit_compile : bool
+        Compile the whole loop with XLA (warps then use gathers: :func:`transforms.for_xla`).
+        If XLA cannot compile it (first call), the loop runs without XLA and ``xla_error`` says
+        why. Same seeds give the same images for a given setting; the two settings differ by
+        float rounding (and by the warp's exact gradient under XLA).
     """
 
     def __init__(self, model, objective, param=None, transform="standard", steps=256, learning_rate=0.05,
@@ -122,10 +127,14 @@ class Renderer:
         self._factory = _as_factory(objective)
         self._measures = [_as_factory(m) for m in measures]
         self._extractors = {}
-        # A partial (no __code__) makes TensorFlow count traces per renderer, not for all renderers together.
         self.jit_compile = bool(jit_compile)
-        self._compiled = tf.function(functools.partial(Renderer._run, self), reduce_retracing=True, autograph=False,
-                                     jit_compile=self.jit_compile)
+        self.xla_error = None
+        self._compiled = self._compile()
+
+    def _compile(self):
+        # A partial (no __code__) makes TensorFlow count traces per renderer, not for all renderers together.
+        return tf.function(functools.partial(Renderer._run, self), reduce_retracing=True, autograph=False,
+                           jit_compile=self.jit_compile)
 
     # -- randomness, drawn outside the graph so it depends only on each image's seed --
 
@@ -148,7 +157,16 @@ class Renderer:
         if len(targets) != len(seeds):
             raise ValueError(f"{len(targets)} targets for {len(seeds)} seeds: give one target per image")
         layers = tuple(dict.fromkeys(n for f in [self._factory, *self._measures] for n in f(targets).layers))
-        out = self._compiled(tf.constant(raw), tf.constant(targets), tf.constant(uniforms), layers)
+        args = (tf.constant(raw), tf.constant(targets), tf.constant(uniforms), layers)
+        try:
+            out = self._compiled(*args)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as e:
+            if not self.jit_compile:
+                raise
+            self.xla_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            self.jit_compile = False  # an op without an XLA kernel: the same loop on TensorFlow's kernels
+            self._compiled = self._compile()
+            out = self._compiled(*args)
         return RenderResult(*(o.numpy() for o in out))
 
     # -- the graph --
@@ -160,6 +178,10 @@ class Renderer:
         return names, self._extractors[names]
 
     def _run(self, raw, targets, uniforms, layers):
+        with tr.for_xla(self.jit_compile):
+            return self._loop(raw, targets, uniforms, layers)
+
+    def _loop(self, raw, targets, uniforms, layers):
         objective = self._factory(targets)
         measures = [m(targets) for m in self._measures]
         names, extract = self._extractor(layers)
