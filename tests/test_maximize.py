@@ -248,6 +248,33 @@ def test_the_xla_compiled_step_is_reproducible_and_falls_back_when_an_op_has_no_
     np.testing.assert_array_equal(c.images, renderer(False)(seeds=[3, 4], targets=[0, 1]).images)
 
 
+@pytest.mark.parametrize("kernel,strides,padding", [(1, 1, "SAME"), (3, 1, "SAME"), (3, 1, "VALID"), (5, 1, "VALID"),
+                                                     (1, 2, "SAME"), (3, 2, "VALID"), (2, 1, "SAME")])
+def test_the_step_s_convolution_input_gradient_equals_tensorflow_s(tf, kernel, strides, padding):
+    """Plain convolutions get their input gradient from a forward convolution (faster on CPUs);
+    strided ones and even SAME kernels keep TensorFlow's; either way the numbers are the same."""
+    from pipeline.maximize.gradients import step_gradients
+
+    rng = np.random.default_rng(kernel * 10 + strides)
+    x = tf.constant(rng.normal(size=(2, 11, 9, 3)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(kernel, kernel, 3, 4)).astype(np.float32))
+
+    @tf.function
+    def grad(swap):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.nn.conv2d(x, w, strides, padding)
+            total = tf.reduce_sum(tf.sin(y))  # an uneven gradient at every output
+        if swap:
+            with step_gradients(redirect=False):
+                return tape.gradient(total, x)
+        return tape.gradient(total, x)
+
+    np.testing.assert_allclose(grad(True).numpy(), grad(False).numpy(), rtol=1e-4, atol=1e-5)
+    ops = {op.type for op in grad.get_concrete_function(True).graph.get_operations()}
+    assert ("Conv2DBackpropInput" in ops) == (strides > 1 or kernel % 2 == 0), ops  # the swap took place
+
+
 def test_silent_relu_units_still_move_with_the_redirected_gradient(keras, tf):
     from pipeline.maximize import objectives as obj
     from pipeline.maximize.render import Renderer

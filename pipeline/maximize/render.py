@@ -20,16 +20,15 @@ Examples
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.backend.tf import tensorflow
-from pipeline.backend.tf_internals import gradient_override
 from pipeline.maximize import params as params_mod
 from pipeline.maximize import transforms as tr
+from pipeline.maximize.gradients import step_gradients
 from pipeline.maximize.objectives import LOGITS, Objective
 
 tf = tensorflow()
@@ -201,7 +200,7 @@ class Renderer:
                 images = self.transform(self.param(raw), uniforms[i])
                 values = evaluate(images)
                 total = tf.reduce_sum(values)
-            with _relu_gradient(self.relu_redirect):
+            with step_gradients(self.relu_redirect):
                 grad = tape.gradient(total, raw, unconnected_gradients="zero")
             t = tf.cast(i + 1, tf.float32)
             m = ADAM_BETA1 * m + (1 - ADAM_BETA1) * grad
@@ -226,32 +225,6 @@ def _as_factory(objective):
     if isinstance(objective, Objective):
         return lambda targets: objective
     return objective
-
-
-def _redirected_relu_grad(op, grad):
-    """ReLU gradient, or, for an image whose ReLU output passes none, the part that would raise it.
-
-    The usual case (every image passes some gradient) costs one ``ReluGrad`` and one check; the
-    redirected gradient is built only on steps where some image needs it (``tf.cond``). Built
-    with ``tf.where`` on every step it took a quarter of a mini-Xception step.
-    """
-    out = op.outputs[0]  # the tape keeps only the output of a Relu op
-    relu_grad = tf.raw_ops.ReluGrad(gradients=grad, features=out)
-    batch = tf.shape(grad)[0]
-    passes = tf.reduce_any(tf.not_equal(tf.reshape(relu_grad, [batch, -1]), 0.0), axis=1)
-
-    def redirected():
-        where = tf.reshape(passes, tf.concat([[batch], tf.ones([tf.rank(grad) - 1], tf.int32)], 0))
-        raising = tf.where(out > 0.0, grad, tf.nn.relu(grad))  # silent units: only the part that raises them
-        return tf.where(where, relu_grad, raising)
-
-    return tf.cond(tf.reduce_all(passes), lambda: relu_grad, redirected)
-
-
-def _relu_gradient(redirect):
-    """While ``tape.gradient`` traces the backward graph: :func:`_redirected_relu_grad` for ``Relu``
-    ops when ``redirect`` (unchanged when TensorFlow's gradient registry is not where expected)."""
-    return gradient_override("Relu", _redirected_relu_grad) if redirect else contextlib.nullcontext()
 
 
 def _rounded(images):
