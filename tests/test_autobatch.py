@@ -339,3 +339,14 @@ def test_decide_xla_keeps_it_only_when_it_pays_and_compiles():
 
     use, why = decide_xla(no_kernel)
     assert use is False and why == "XLA cannot compile the step: Detected unsupported operations: PyFunc"
+
+
+def test_patience_tries_one_more_doubling_after_a_small_gain():
+    from pipeline.backend.autobatch import search
+
+    rates = {8: 100.0, 16: 103.0, 32: 125.0, 64: 120.0, 128: 130.0}  # items/s: noisy at 16, best at 32
+    choice = search(lambda size: size / rates[size], start=8, cap=128, patience=1, max_seconds=None)
+    assert choice.size == 32 and [t.size for t in choice.trials] == [8, 16, 32, 64]  # 64 is slower: stop
+    assert search(lambda size: size / rates[size], start=8, cap=128, max_seconds=None).size == 8  # no patience
+    falling = {8: 100.0, 16: 90.0, 32: 200.0}
+    assert search(lambda size: size / falling[size], start=8, cap=32, patience=1, max_seconds=None).size == 8

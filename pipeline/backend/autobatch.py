@@ -105,7 +105,7 @@ def candidates(start, cap, limit=None, memory=None) -> list[int]:
 
 
 def search(measure, *, start=8, cap=1024, limit=None, memory=None, min_gain=MIN_GAIN,
-           max_seconds=PROBE_SECONDS, clock=time.perf_counter) -> Choice:
+           max_seconds=PROBE_SECONDS, clock=time.perf_counter, patience=0) -> Choice:
     """Grow the batch size until throughput stops improving or memory runs out.
 
     Parameters
@@ -126,6 +126,9 @@ def search(measure, *, start=8, cap=1024, limit=None, memory=None, min_gain=MIN_
         No new size is tried once the search has taken this long.
     clock : callable
         Wall clock (tests may pass a fake).
+    patience : int
+        Doublings that raise items/s by less than ``min_gain`` (but raise it) tried before
+        stopping: short timings are noisy, and a gain can show only one doubling later.
 
     Returns
     -------
@@ -133,7 +136,7 @@ def search(measure, *, start=8, cap=1024, limit=None, memory=None, min_gain=MIN_
     """
     t0 = clock()
     sizes = candidates(start, cap, limit, memory)
-    trials, best, last = [], None, None
+    trials, best, last, spared = [], None, None, 0
 
     def done(size, reason):
         return Choice(size, reason, tuple(trials), clock() - t0)
@@ -161,8 +164,11 @@ def search(measure, *, start=8, cap=1024, limit=None, memory=None, min_gain=MIN_
         trials.append(trial)
         if best is not None and trial.rate < best.rate * (1 + min_gain):
             gain = trial.rate / best.rate - 1
+            if trial.rate > best.rate and spared < patience:
+                spared += 1
+                continue
             return done(best.size, f"{size}: {gain * 100:+.0f} % throughput, stopped")
-        best = trial
+        best, spared = trial, 0
     return done(best.size, _why_top(best.size, cap, limit, memory))
 
 

@@ -408,7 +408,7 @@ def _search_batch(ctx, model, groups, todo):
         h, w, c = input_size(model, mx.size)
         shapes = [(h, w, c)] + [layer.output_shape for layer in model.layers]
         memory = autobatch.memory_cap(3 * autobatch.activation_bytes(shapes, side=max(h, w)))
-    return autobatch.search(autobatch.timed(call), start=START, cap=CAP,
+    return autobatch.search(autobatch.timed(call), start=START, cap=CAP, patience=1,
                             limit=max(len(v) for v in todo.values()), memory=memory)
 
 
