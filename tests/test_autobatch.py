@@ -348,5 +348,7 @@ def test_patience_tries_one_more_doubling_after_a_small_gain():
     choice = search(lambda size: size / rates[size], start=8, cap=128, patience=1, max_seconds=None)
     assert choice.size == 32 and [t.size for t in choice.trials] == [8, 16, 32, 64]  # 64 is slower: stop
     assert search(lambda size: size / rates[size], start=8, cap=128, max_seconds=None).size == 8  # no patience
+    last = search(lambda size: size / rates[size], start=8, cap=16, patience=1, max_seconds=None)
+    assert last.size == 8 and last.reason == "16: +3 % throughput, stopped"  # spared, but no size left
     falling = {8: 100.0, 16: 90.0, 32: 200.0}
     assert search(lambda size: size / falling[size], start=8, cap=32, patience=1, max_seconds=None).size == 8

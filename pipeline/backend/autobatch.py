@@ -169,6 +169,9 @@ def search(measure, *, start=8, cap=1024, limit=None, memory=None, min_gain=MIN_
                 continue
             return done(best.size, f"{size}: {gain * 100:+.0f} % throughput, stopped")
         best, spared = trial, 0
+    if trials[-1].size != best.size:  # the last sizes were spared, and none gained enough
+        return done(best.size, f"{trials[-1].size}: {(trials[-1].rate / best.rate - 1) * 100:+.0f} % throughput, "
+                               "stopped")
     return done(best.size, _why_top(best.size, cap, limit, memory))
 
 
