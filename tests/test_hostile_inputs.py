@@ -281,7 +281,7 @@ def test_a_batch_size_larger_than_the_dataset_is_not_padded_up_to(tmp_path, setu
     monkeypatch.setattr(extract, "make_forward", recording)
     path = write_config(tmp_path, model, root / "images", extract={"batch_size": 8192})
     assert main(["run", str(path), "--only", "extract"]) == 0
-    assert seen == [9]
+    assert set(seen) == {9}  # every call holds the 9 images (compute.xla auto times the forward once first)
     assert load_run(tmp_path / "run").activations(load_run(tmp_path / "run").layer_names[0])[:].shape[0] == 9
 
 
