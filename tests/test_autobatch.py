@@ -313,14 +313,14 @@ def test_maximize_xla_on_compiles_the_step_records_it_and_auto_stays_off_on_a_cp
     cfg = maximize_config(tiny, batch_size=8)
     extract(cfg)
     compute = maximize(cfg)["compute"]
-    assert compute["xla"] == "off" and compute["xla_reason"].startswith("CPU")  # auto, no GPU here
+    assert compute["xla"] is False and compute["xla_reason"].startswith("CPU")  # auto, no GPU here
     store = RunStore(cfg.out_dir)
     assert not store.read_table("maximize/conv_b.part.parquet")["xla"].any()
 
     on = tiny("mx-on", layers=["conv_b"], compute={"xla": "on"},
               maximize={"steps": 4, "units": "all", "clusters": False, "classes": False, "max_seconds": None})
     extract(on)
-    assert maximize(on)["compute"]["xla"] == "on"
+    assert maximize(on)["compute"]["xla"] is True
     assert RunStore(on.out_dir).read_table("maximize/conv_b.part.parquet")["xla"].all()
     assert "cannot compile" not in capsys.readouterr().err
 

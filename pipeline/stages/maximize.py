@@ -269,7 +269,7 @@ def _render_all(ctx, groups, todo, done, params_hash):
                 jit = False
                 ctx.log(f"maximize: compute.xla: XLA cannot compile this model's step ({renderer.xla_error}); "
                         "it runs without XLA")
-                batching.update({"xla": "off", "xla_reason": f"fell back: {renderer.xla_error}"})
+                batching.update({"xla": False, "xla_reason": f"fell back: {renderer.xla_error}"})
             rows["batch_size"] = batch_size  # kept with the images: a rerun renders the rest at this size
             rows["xla"] = renderer.jit_compile
             budget.record(size, time.monotonic() - t0)
@@ -291,14 +291,14 @@ def _xla(ctx, model, groups, todo, done, batch_size):
     """
     mode = ctx.cfg.compute.xla
     if mode != "auto":
-        return mode == "on", {"xla": mode}
+        return mode == "on", {"xla": mode == "on"}
     recorded = _recorded(done, "xla")
     if recorded is not None:
-        return bool(recorded), {"xla": "on" if recorded else "off", "xla_reason": "as the images already rendered"}
+        return bool(recorded), {"xla": bool(recorded), "xla_reason": "as the images already rendered"}
     from pipeline.backend import autobatch
 
     if autobatch.cpu_only():
-        return False, {"xla": "off", "xla_reason": "CPU: XLA's convolution gradients are slower there (not timed)"}
+        return False, {"xla": False, "xla_reason": "CPU: XLA's convolution gradients are slower there (not timed)"}
     first = next(g for g in render_order(groups) if todo[g.name])
     targets = todo[first.name]
     padded = [targets[i % len(targets)] for i in range(batch_size)]
@@ -320,7 +320,7 @@ def _xla(ctx, model, groups, todo, done, batch_size):
 
     use, reason = decide_xla(measure)
     ctx.log(f"maximize: compute.xla auto → {'on' if use else 'off'} ({reason})")
-    return use, {"xla": "on" if use else "off", "xla_reason": reason}
+    return use, {"xla": use, "xla_reason": reason}
 
 
 def decide_xla(measure, min_gain=0.05):
