@@ -150,18 +150,12 @@ def search(measure, *, start=8, cap=1024, limit=None, memory=None, min_gain=MIN_
             if spent + next_cost > max_seconds:
                 return done(best.size, f"probe time limit ({max_seconds:g} s) reached before {size}")
         began = clock()
-        try:
-            seconds = max(float(measure(size)), 1e-9)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            trials.append(Trial(size, error="out of memory"))
+        trial = _attempt(measure, size, trials)
+        if trial is None:
             if best is not None:
                 return done(best.size, f"{size}: out of memory, backed off")
             return _back_off(measure, size, trials, t0, clock)
         last = (size, clock() - began)
-        trial = Trial(size, seconds, size / seconds)
-        trials.append(trial)
         if best is not None and trial.rate < best.rate * (1 + min_gain):
             gain = trial.rate / best.rate - 1
             if trial.rate > best.rate and spared < patience:
@@ -184,20 +178,27 @@ def _why_top(size, cap, limit, memory):
     return f"still gaining at the cap {cap}"
 
 
+def _attempt(measure, size, trials):
+    """``measure(size)`` as a :class:`Trial` added to ``trials``; ``None`` when it ran out of memory."""
+    try:
+        seconds = max(float(measure(size)), 1e-9)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        trials.append(Trial(size, error="out of memory"))
+        return None
+    trial = Trial(size, seconds, size / seconds)
+    trials.append(trial)
+    return trial
+
+
 def _back_off(measure, failed, trials, t0, clock):
     """Even the first size ran out of memory: halve until one works (or size 1 fails too)."""
     size = failed // 2
     while size >= 1:
-        try:
-            seconds = max(float(measure(size)), 1e-9)
-        except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            trials.append(Trial(size, error="out of memory"))
-            size //= 2
-            continue
-        trials.append(Trial(size, seconds, size / seconds))
-        return Choice(size, f"{failed}: out of memory, backed off", tuple(trials), clock() - t0)
+        if _attempt(measure, size, trials) is not None:
+            return Choice(size, f"{failed}: out of memory, backed off", tuple(trials), clock() - t0)
+        size //= 2
     raise MemoryError(f"out of memory even at batch size 1 (tried {', '.join(str(t.size) for t in trials)})")
 
 
