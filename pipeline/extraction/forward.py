@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.errors import first_line
 from pipeline.storage.arrays import layer_path
 
 
@@ -160,7 +161,7 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
                 # XLA could not compile it: the same graph without XLA for the model first, then
                 # without it for the summaries too
                 if run.jit_model:
-                    run.jit_model, run.xla_error = False, _first_line(exc)
+                    run.jit_model, run.xla_error = False, first_line(exc)
                 else:
                     run.jit = False
                 compiled = build(run.jit, run.jit_model)
@@ -169,10 +170,3 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
 
     run.jit, run.jit_model, run.xla_error, run.calls = bool(jit), bool(jit_model), None, 0
     return run
-
-
-def _first_line(exc) -> str:
-    """The gist of a TensorFlow error for a one-line message (its first non-empty line, shortened)."""
-    text = getattr(exc, "message", None) or str(exc)
-    line = next((l.strip() for l in text.splitlines() if l.strip()), type(exc).__name__)
-    return line if len(line) <= 200 else line[:197] + "..."

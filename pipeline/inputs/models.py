@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.backend.keras_internals import fresh_layer_names, functional, producer, run_graph, takes_training
 from pipeline.backend.versions import release
-from pipeline.errors import UnsafeModelError, UserError
+from pipeline.errors import UnsafeModelError, UserError, first_line
 from pipeline.inputs.graphscan import check_saved_model, printable
 from pipeline.inputs.logits import without_softmax
 from pipeline.inputs.modelinfo import LayerInfo, analysable_shape
@@ -280,7 +280,7 @@ def with_precision(model, precision, log=None):
     try:
         clone = mixed_clone(model.model, precision)
     except Exception as exc:  # Keras raises many types for a model it cannot rebuild from its config
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 120)
         say(not_applicable(precision, f"model {model.name} cannot be copied ({reason}) and"))
         return model
     from pipeline.backend.tf import gpus

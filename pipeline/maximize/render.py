@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.backend.tf import tensorflow
+from pipeline.errors import first_line
 from pipeline.maximize import params as params_mod
 from pipeline.maximize import transforms as tr
 from pipeline.maximize.gradients import step_gradients
@@ -162,7 +163,7 @@ class Renderer:
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError, tf.errors.InternalError) as e:
             if not self.jit_compile:
                 raise
-            self.xla_error = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            self.xla_error = first_line(e, 300)
             self.jit_compile = False  # an op without an XLA kernel: the same loop on TensorFlow's kernels
             self._compiled = self._compile()
             out = self._compiled(*args)

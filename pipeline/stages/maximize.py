@@ -39,6 +39,7 @@ import pandas as pd
 
 from pipeline.codeversion import code_version
 from pipeline.config import hash_json, parse_scale
+from pipeline.errors import first_line
 from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.arrays import open_activations, stored_array
 from pipeline.storage.catalog import path as artifact_path
@@ -341,7 +342,7 @@ def decide_xla(measure, min_gain=0.05):
     try:
         on = measure(True)
     except Exception as e:  # noqa: BLE001 - any compile failure means: run without XLA
-        return False, f"XLA cannot compile the step: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"
+        return False, f"XLA cannot compile the step: {first_line(e)}"
     if on < (1 - min_gain) * off:
         return True, f"XLA {off / on:.1f}x faster: {on:.2f} vs {off:.2f} s per short render"
     return False, f"XLA not faster: {on:.2f} vs {off:.2f} s per short render"
