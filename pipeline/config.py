@@ -121,6 +121,19 @@ class ComputeConfig(_Section):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
 
 
+def compute_params(cfg, xla=True) -> dict:
+    """The ``compute`` keys a stage's parameters include: ``precision`` when it is not float32 and,
+    for stages ``compute.xla`` acts on, ``xla`` when it is not auto. Only then, so run directories
+    made before the keys (or with the defaults) keep their parameters; ``auto``'s choice is recorded
+    by the stage instead."""
+    params = {}
+    if cfg.compute.precision != "float32":
+        params["precision"] = cfg.compute.precision
+    if xla and cfg.compute.xla != "auto":
+        params["xla"] = cfg.compute.xla
+    return params
+
+
 class ReportConfig(_Section):
     out: Optional[str] = None                          # default reports/<name>
     units_per_page: int = Field(default=64, ge=1, le=10000)      # unit gallery pagination

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import parse_scale
+from pipeline.config import compute_params, parse_scale
 from pipeline.errors import UserError
 from pipeline.extraction.forward import make_forward, spatial_positions, thumbnail_shape
 from pipeline.extraction.loop import BatchRunner
@@ -27,16 +27,12 @@ PROGRESS = artifact_path("extract_progress")
 def extract_params(cfg) -> dict:
     """The config values that change the extracted arrays (the extract stage's ``params``).
 
-    ``compute.xla`` changes them only by float rounding; it is included when set (``on``/``off``)
-    so the default ``auto`` leaves the parameters, and run directories made before it, as they were.
+    ``compute.xla`` changes them only by float rounding; with ``compute.precision`` it is included
+    only when not the default (:func:`pipeline.config.compute_params`).
     """
-    params = {"data": cfg.data.model_dump(mode="json", exclude={"images", "npz"}),
-              "layers": cfg.layers, "extract": cfg.extract.model_dump(mode="json"), "seed": cfg.seed}
-    if cfg.compute.xla != "auto":
-        params["xla"] = cfg.compute.xla
-    if cfg.compute.precision != "float32":  # likewise: float32 runs keep their parameters
-        params["precision"] = cfg.compute.precision
-    return params
+    return {"data": cfg.data.model_dump(mode="json", exclude={"images", "npz"}),
+            "layers": cfg.layers, "extract": cfg.extract.model_dump(mode="json"), "seed": cfg.seed,
+            **compute_params(cfg)}
 
 
 def input_hashes(cfg) -> dict:

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.codeversion import code_version
-from pipeline.config import hash_json, parse_scale
+from pipeline.config import compute_params, hash_json, parse_scale
 from pipeline.errors import first_line
 from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.arrays import open_activations, stored_array
@@ -54,19 +54,8 @@ _INT_COLUMNS = ("channel", "cluster", "class")
 
 
 def _params(cfg):
-    params = {"maximize": cfg.maximize.model_dump(mode="json"), "seed": cfg.seed, "scale": cfg.data.scale,
-              "cluster_reduction": cfg.cluster.reduction}
-    return _with_compute(params, cfg)
-
-
-def _with_compute(params, cfg):
-    """``params`` plus ``compute.precision`` when it is not float32 and ``compute.xla`` when it is
-    not auto (runs made before the keys stay valid; with auto the choice is kept in the part files)."""
-    if cfg.compute.precision != "float32":
-        params["precision"] = cfg.compute.precision
-    if cfg.compute.xla != "auto":
-        params["xla"] = cfg.compute.xla
-    return params
+    return {"maximize": cfg.maximize.model_dump(mode="json"), "seed": cfg.seed, "scale": cfg.data.scale,
+            "cluster_reduction": cfg.cluster.reduction, **compute_params(cfg)}
 
 
 def _render_hash(cfg):
@@ -78,7 +67,7 @@ def _render_hash(cfg):
                                                          "decorrelate", "transforms", "relu_redirect"}),
            "classes": "logprob+jitter",
            "code": code}
-    return hash_json(_with_compute(key, cfg))
+    return hash_json({**key, **compute_params(cfg)})  # with auto, the XLA choice is kept in the part files
 
 
 class _Group:

@@ -37,6 +37,7 @@ import io
 import numpy as np
 import pandas as pd
 
+from pipeline.config import compute_params
 from pipeline.stages.base import Outputs, Stage
 from pipeline.storage.catalog import path as artifact_path
 from pipeline.storage.hashing import file_hash
@@ -45,10 +46,8 @@ OUTPUTS = ("bias", "bias_verdicts", "probe_units", "probe_predictions", "probe_i
 
 
 def _params(cfg):
-    params = {"probe": cfg.probe.model_dump(mode="json"), "seed": cfg.seed}
-    if cfg.compute.precision != "float32":  # only then: runs made before the key stay up to date
-        params["precision"] = cfg.compute.precision
-    return params
+    # compute.xla does not act on the probe's forward passes (only its summaries are XLA-compiled)
+    return {"probe": cfg.probe.model_dump(mode="json"), "seed": cfg.seed, **compute_params(cfg, xla=False)}
 
 
 def _inputs(cfg):
