@@ -289,23 +289,14 @@ def _xla(ctx, model, groups, todo, done, batch_size):
 
     if autobatch.cpu_only():
         return False, {"xla": False, "xla_reason": "CPU: XLA's convolution gradients are slower there (not timed)"}
-    first = next(g for g in render_order(groups) if todo[g.name])
-    targets = todo[first.name]
-    padded = [targets[i % len(targets)] for i in range(batch_size)]
-    classes = padded[0].kind == "class"
-    short = ctx.cfg.model_copy(update={"maximize": ctx.cfg.maximize.model_copy(update={"steps": PROBE_STEPS})})
 
     def measure(jit):
-        from dataclasses import replace
-
-        renderer = _renderer(replace(ctx, cfg=short), model, first, jit)
-        call = (lambda: renderer([t.seed for t in padded], np.array([t.index for t in padded]) if classes
-                                 else np.stack([t.vector for t in padded])))
-        call()  # compiles
+        call, renderer = _short_render(ctx, model, groups, todo, jit)
+        call(batch_size)  # compiles
         if jit and renderer.xla_error:
             raise RuntimeError(renderer.xla_error)
         t0 = time.perf_counter()
-        call()
+        call(batch_size)
         return time.perf_counter() - t0
 
     use, reason = decide_xla(measure)
@@ -374,25 +365,36 @@ def _recorded(done, column):
     return None
 
 
-def _search_batch(ctx, model, groups, todo):
-    """Time short renders of the first group to render at growing batch sizes (its own targets, repeated)."""
+def _short_render(ctx, model, groups, todo, jit=False):
+    """``(call, renderer)``: ``call(size)`` renders ``size`` images of the first group to render
+    (its own targets, repeated) for :data:`PROBE_STEPS` steps, as the probes time it."""
     from dataclasses import replace
 
+    first = next(g for g in render_order(groups) if todo[g.name])
+    short = ctx.cfg.model_copy(update={"maximize": ctx.cfg.maximize.model_copy(update={"steps": PROBE_STEPS})})
+    renderer = _renderer(replace(ctx, cfg=short), model, first, jit)
+    targets = todo[first.name]
+
+    def call(size):
+        renderer(*_renderer_inputs([targets[i % len(targets)] for i in range(size)]))
+
+    return call, renderer
+
+
+def _renderer_inputs(targets):
+    """``(seeds, targets)`` of a :class:`Renderer` call: class indices, or unit/cluster directions."""
+    classes = targets[0].kind == "class"
+    return [t.seed for t in targets], (np.array([t.index for t in targets]) if classes
+                                       else np.stack([t.vector for t in targets]))
+
+
+def _search_batch(ctx, model, groups, todo):
+    """Time short renders of the first group to render at growing batch sizes (its own targets, repeated)."""
     from pipeline.backend import autobatch
     from pipeline.maximize.render import input_size
 
     mx = ctx.cfg.maximize
-    first = next(g for g in render_order(groups) if todo[g.name])
-    short = ctx.cfg.model_copy(update={"maximize": mx.model_copy(update={"steps": PROBE_STEPS})})
-    renderer = _renderer(replace(ctx, cfg=short), model, first)
-    targets = todo[first.name]
-
-    def call(size):
-        padded = [targets[i % len(targets)] for i in range(size)]
-        classes = padded[0].kind == "class"
-        renderer([t.seed for t in padded],
-                 np.array([t.index for t in padded]) if classes else np.stack([t.vector for t in padded]))
-
+    call, _ = _short_render(ctx, model, groups, todo)
     memory = None
     if autobatch.cpu_only():  # forward, gradient and optimiser state of every layer, per image
         h, w, c = input_size(model, mx.size)
@@ -489,8 +491,7 @@ def _render_batch(ctx, renderer, batch, params_hash, size):
     """Render one batch (padded to ``size`` by repeating its last target), write PNGs, return rows."""
     padded = batch + [batch[-1]] * (size - len(batch))
     classes = batch[0].kind == "class"
-    targets = np.array([t.index for t in padded]) if classes else np.stack([t.vector for t in padded])
-    result = renderer([t.seed for t in padded], targets)
+    result = renderer(*_renderer_inputs(padded))
     activation = result.measures[0] if classes else result.values
     rows = []
     for i, t in enumerate(batch):
