@@ -157,27 +157,16 @@ def jitter(d) -> Transform:
     def offsets(u):
         return tf.floor(tf.cast(u, tf.float32) * (d + 1))  # integers 0..d
 
-    def fn(images, u):
-        h, w = _static_hw(images)
-        offset = offsets(u)
-        ones, zeros = tf.ones_like(offset[:, 0]), tf.zeros_like(offset[:, 0])
-        m = tf.stack([ones, zeros, offset[:, 0], zeros, ones, offset[:, 1], zeros, zeros], axis=1)
-        return _warp(images, m, [h - d, w - d], interpolation="NEAREST")
-
     def matrix(hw, u, n):
         offset = offsets(u)
         return _translation(n, offset[:, 0], offset[:, 1]), (hw[0] - d, hw[1] - d)
 
-    return Transform(fn, 2, f"jitter({d})", Affine(matrix))
+    return _geometric(Affine(matrix), 2, f"jitter({d})")
 
 
-def _about_centre(images, a, b, c, d):
-    """Warp with the linear map ``[[a, b], [c, d]]`` (output -> input) about the image centre."""
-    h, w = _static_hw(images)
-    cx, cy = (w - 1) / 2.0, (h - 1) / 2.0
-    zeros = tf.zeros_like(a)
-    m = tf.stack([a, b, cx - a * cx - b * cy, c, d, cy - c * cx - d * cy, zeros, zeros], axis=1)
-    return _warp(images, m, [h, w])
+def _geometric(affine, n_random, name) -> Transform:
+    """The transform that samples the image through ``affine`` (its own warp when not fused)."""
+    return Transform(_warp_fn(affine), n_random, name, affine)
 
 
 def _translation(n, dx, dy):
@@ -204,11 +193,8 @@ def random_scale(low=0.9, high=1.1) -> Transform:
         zeros = tf.zeros_like(s)
         return 1.0 / s, zeros, zeros, 1.0 / s
 
-    def fn(images, u):
-        return _about_centre(images, *linear(u))
-
-    return Transform(fn, 1, f"random_scale({low}, {high})",
-                     Affine(lambda hw, u, n: _centred(hw, *linear(u)), bilinear=True))
+    return _geometric(Affine(lambda hw, u, n: _centred(hw, *linear(u)), bilinear=True), 1,
+                      f"random_scale({low}, {high})")
 
 
 def random_rotate(degrees=10.0) -> Transform:
@@ -218,11 +204,8 @@ def random_rotate(degrees=10.0) -> Transform:
         cos, sin = tf.cos(angle), tf.sin(angle)
         return cos, -sin, sin, cos
 
-    def fn(images, u):
-        return _about_centre(images, *linear(u))
-
-    return Transform(fn, 1, f"random_rotate({degrees})",
-                     Affine(lambda hw, u, n: _centred(hw, *linear(u)), bilinear=True))
+    return _geometric(Affine(lambda hw, u, n: _centred(hw, *linear(u)), bilinear=True), 1,
+                      f"random_rotate({degrees})")
 
 
 def crop_or_pad(height, width, value=0.5) -> Transform:
@@ -289,7 +272,9 @@ def _fused_runs(transforms, starts, sizes):
             t, start, n = run[0]
             steps.append((t.fn, start, n))
         elif run:
-            steps.append((_fused([t for t, *_ in run]), run[0][1], sum(n for *_, n in run)))
+            first = run[0][1]  # the run's random numbers start here
+            affine = _product([t for t, *_ in run], [s - first for _, s, _ in run], [n for *_, n in run])
+            steps.append((_warp_fn(affine), first, sum(n for *_, n in run)))
         run.clear()
 
     for t, start, n in zip(transforms, starts, sizes):
@@ -302,11 +287,8 @@ def _fused_runs(transforms, starts, sizes):
     return steps
 
 
-def _fused(transforms):
-    """One warp doing the affine ``transforms`` in order."""
-    sizes = [t.n_random for t in transforms]
-    affine = _product(transforms, [sum(sizes[:i]) for i in range(len(sizes))], sizes)
-
+def _warp_fn(affine):
+    """``fn(images, u)``: one warp of the images through ``affine`` (:class:`Affine`)."""
     def fn(images, u):
         total, hw = affine.matrix(_static_hw(images), u, tf.shape(images)[0])
         flat = tf.reshape(total, [-1, 9])[:, :8]  # the last row stays (0, 0, 1)
