@@ -22,6 +22,7 @@ Examples
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -226,11 +227,16 @@ def activation_bytes(shapes, side=1, itemsize=4) -> int:
     total = 0
     for shape in shapes:
         dims = [side if d is None else int(d) for d in (shape or ())]
-        n = 1
-        for d in dims:
-            n *= d
-        total += n if dims else 0
+        total += math.prod(dims) if dims else 0
     return itemsize * total
+
+
+def model_bytes(model, input_shape) -> int:
+    """Float32 bytes of one image's input (``(h, w, c)``) and every layer output of ``model`` (its
+    ``LayerInfo`` layers): what a forward pass may hold per image. An upper bound (TensorFlow frees
+    intermediate outputs as it goes); unknown dimensions count as the input's longer side."""
+    shapes = [tuple(input_shape)] + [layer.output_shape for layer in model.layers]
+    return activation_bytes(shapes, side=max(input_shape[:2]))
 
 
 def available_memory() -> int | None:

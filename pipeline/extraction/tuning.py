@@ -28,16 +28,6 @@ XLA_WORTH_SECONDS = 30.0       # xla auto: a shorter extraction is not worth an 
 XLA_MARGIN = 0.05              # xla auto: XLA must be this much faster to be kept (timing noise)
 
 
-def bytes_per_image(model, size, channels) -> int:
-    """Float32 bytes of every layer output for one image plus its input: what a forward may hold.
-
-    An upper bound (TensorFlow frees intermediate outputs as it goes); unknown dimensions count
-    as the input side.
-    """
-    shapes = [(size[0], size[1], channels)] + [layer.output_shape for layer in model.layers]
-    return autobatch.activation_bytes(shapes, side=max(size))
-
-
 def decide(cfg, model, names, kinds, size, channels, n, log) -> tuple[dict, object]:
     """Resolve ``extract.batch_size`` and ``compute.xla`` for this model and ``n`` images.
 
@@ -53,7 +43,7 @@ def decide(cfg, model, names, kinds, size, channels, n, log) -> tuple[dict, obje
     probe = _Probe(cfg, model, names, kinds, size, channels)
     record = {}
     if ex.batch_size == "auto":
-        memory = (autobatch.memory_cap(bytes_per_image(model, size, channels)) if autobatch.cpu_only() else None)
+        memory = (autobatch.memory_cap(autobatch.model_bytes(model, (*size, channels))) if autobatch.cpu_only() else None)
         choice = autobatch.search(autobatch.timed(lambda b: probe.call(b, False)), start=START, cap=CAP,
                                   limit=n, memory=memory)
         batch = choice.size

@@ -397,9 +397,7 @@ def _search_batch(ctx, model, groups, todo):
     call, _ = _short_render(ctx, model, groups, todo)
     memory = None
     if autobatch.cpu_only():  # forward, gradient and optimiser state of every layer, per image
-        h, w, c = input_size(model, mx.size)
-        shapes = [(h, w, c)] + [layer.output_shape for layer in model.layers]
-        memory = autobatch.memory_cap(3 * autobatch.activation_bytes(shapes, side=max(h, w)))
+        memory = autobatch.memory_cap(3 * autobatch.model_bytes(model, input_size(model, mx.size)))
     return autobatch.search(autobatch.timed(call), start=START, cap=CAP, patience=1,
                             limit=max(len(v) for v in todo.values()), memory=memory)
 
