@@ -1,4 +1,6 @@
 """``batch_size: auto`` and ``compute.xla``: the search, what is recorded, and that a resume reuses it."""
+import time
+
 import numpy as np
 import pytest
 
@@ -153,8 +155,8 @@ def test_extract_auto_records_its_size_and_matches_that_fixed_size(tiny, capsys)
     size = compute["batch_size"]
     assert size in (8, 16, 32, 48) and compute["batch_search"]["size"] == size
     assert f"extract: batch size auto → {size} (" in err and "tried 8-" in err
-    assert compute["xla"] is False and "not worth an XLA compile" in compute["xla_reason"]
-    assert "extract: compute.xla auto → off (the forward passes take about" in err
+    assert compute["xla"] is False and compute["xla_reason"].startswith("CPU")   # no GPU here: not tried
+    assert "extract: compute.xla auto → off (CPU: " in err
 
     fixed = tiny("fixed", extract={"batch_size": size, "chunk_rows": 1})
     extract(fixed)
@@ -196,6 +198,40 @@ def test_interrupted_auto_extract_resumes_with_the_recorded_size(tiny, monkeypat
     a, b = arrays(cfg), arrays(fixed)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+class FakeProbe:
+    """A forward probe whose XLA variant takes ``xla_seconds`` per call and plain ``seconds``."""
+
+    def __init__(self, seconds, xla_seconds, compiles=True):
+        self.seconds, self.xla_seconds, self.ok, self.error, self.calls = seconds, xla_seconds, compiles, None, []
+
+    def call(self, batch, xla):
+        self.calls.append(xla)
+        time.sleep(self.xla_seconds if xla else self.seconds)
+
+    def compiles(self, batch):
+        self.error = None if self.ok else "no XLA kernel for op X"
+        return self.ok
+
+
+def test_extract_xla_auto_is_never_tried_on_a_cpu_and_timed_on_a_gpu(monkeypatch):
+    from pipeline.backend import autobatch
+    from pipeline.extraction.tuning import CPU_REASON, _xla_auto
+
+    probe = FakeProbe(0.01, 0.001)
+    monkeypatch.setattr(autobatch, "cpu_only", lambda: True)
+    assert _xla_auto(probe, 8, rate=10.0, n=10_000) == (False, CPU_REASON) and probe.calls == []
+
+    monkeypatch.setattr(autobatch, "cpu_only", lambda: False)   # a GPU: timed, kept when it pays
+    use, why = _xla_auto(probe, 8, rate=8 / 0.01, n=10**6)
+    assert use and why.startswith("XLA ") and "faster" in why and True in probe.calls
+    use, why = _xla_auto(FakeProbe(0.001, 0.01), 8, rate=8 / 0.001, n=10**6)
+    assert not use and "slower" in why
+    use, why = _xla_auto(FakeProbe(0.01, 0.001), 8, rate=8 / 0.01, n=100)   # about 0.1 s of forward passes
+    assert not use and "not worth an XLA compile" in why
+    use, why = _xla_auto(FakeProbe(0.01, 0.001, compiles=False), 8, rate=8 / 0.01, n=10**6)
+    assert not use and why == "XLA cannot compile this model: no XLA kernel for op X"
 
 
 def test_xla_on_compiles_the_model_and_off_is_todays_forward(tiny, capsys):

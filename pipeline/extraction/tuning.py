@@ -9,9 +9,10 @@ the one the batch loop runs: a number for the batch size, ``on``/``off`` for XLA
 - ``batch_size: auto`` grows the batch (8, 16, … at most 1024 and the number of images, and on
   a CPU at most what half the available memory holds by a per-image estimate) while images/s
   improves by 10 % or more (:func:`pipeline.backend.autobatch.search`).
-- ``compute.xla: auto`` compiles the model part with XLA as well and keeps it if it is faster
-  at the chosen batch size; it is not even tried when the whole extraction is estimated to take
-  less than :data:`XLA_WORTH_SECONDS` (an XLA compile of a deep model costs that much).
+- ``compute.xla: auto`` on a GPU compiles the model part with XLA as well and keeps it if it is
+  faster at the chosen batch size; it is not even tried when the whole extraction is estimated
+  to take less than :data:`XLA_WORTH_SECONDS` (an XLA compile of a deep model costs that much).
+  On a CPU it stays off without a try (:data:`CPU_REASON`).
   ``on`` uses XLA unless it cannot compile the model (one log line, then without it).
 """
 from __future__ import annotations
@@ -26,6 +27,10 @@ from pipeline.extraction.plan import build_forward
 START, CAP = 8, 1024          # extract batch sizes tried: 8, 16, ... 1024 (and never beyond the images)
 XLA_WORTH_SECONDS = 30.0       # xla auto: a shorter extraction is not worth an XLA compile
 XLA_MARGIN = 0.05              # xla auto: XLA must be this much faster to be kept (timing noise)
+# Measured with TensorFlow 2.21 on 2 CPU cores: the XLA-compiled model ran 1.7-2.6x slower than
+# TensorFlow's own kernels (tests/benchmarks/bench_extract.py), and timing it killed the process
+# with SIGSEGV in about 1 run in 10 (a small CNN, repeated runs): a try could only lose.
+CPU_REASON = "CPU: XLA's CPU convolutions are slower and its compile of a model can crash the process (not tried)"
 
 
 def decide(cfg, model, names, kinds, size, channels, n, log) -> tuple[dict, object]:
@@ -69,6 +74,8 @@ def decide(cfg, model, names, kinds, size, channels, n, log) -> tuple[dict, obje
 
 def _xla_auto(probe, batch, rate, n) -> tuple[bool, str]:
     """XLA for the model when it is worth trying and measurably faster; the reason either way."""
+    if autobatch.cpu_only():
+        return False, CPU_REASON
     if rate is None:
         rate = batch / autobatch.timed(lambda b: probe.call(b, False), repeats=1)(batch)
     expected = n / rate
