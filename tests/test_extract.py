@@ -1,5 +1,6 @@
 """The extract stage on the model shapes users bring, in every file format they save."""
 import functools
+import os
 
 import numpy as np
 import pandas as pd
@@ -168,6 +169,29 @@ def test_the_loop_reports_every_step_to_an_observer_and_nothing_without_one(tmp_
     assert all(e.cpu > 0 for e in events)
     assert main(["run", str(config), "--only", "extract", "--force"]) == 0  # outside: no more events
     assert len(events) == len(steps)
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX feature")
+def test_the_writer_compresses_at_the_lowest_priority_and_the_device_thread_keeps_its_own(tmp_path):
+    """Compression runs on the CPU time TensorFlow leaves idle: the writer's threads are niced, the caller is not."""
+    import threading
+
+    import zarr
+
+    from pipeline.extraction.loop import WRITER_NICE, ChunkWriter
+
+    def niceness():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before, seen = niceness(), {}
+    root = zarr.open_group(str(tmp_path / "a.zarr"), mode="w")
+    writer = ChunkWriter(root, lambda group, bad: seen.setdefault("record", niceness()), n=8, rows=4)
+    writer.stores.submit(lambda: seen.setdefault("store", niceness())).result()
+    writer.submit(0, 0, {"x": [np.ones((4, 3), np.float32)]}, {})
+    writer.close()
+    assert WRITER_NICE == 19 and seen == {"record": 19, "store": 19}
+    assert niceness() == before   # the calling (device) thread is untouched
+    np.testing.assert_array_equal(root["x"][:4], 1)
 
 
 @pytest.mark.parametrize("dtype,row_shape", [("float32", (7,)), ("float16", (3, 5)), ("uint8", (4, 4, 3)),
