@@ -34,7 +34,7 @@ def thumbnail_shape(size, limit):
 
 
 def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spatial_samples=0,
-                 thumb=None, jit=True, jit_model=False):
+                 thumb=None, jit=None, jit_model=False):
     """Compile the per-batch computation.
 
     Parameters
@@ -51,13 +51,14 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
     spatial_samples : int
     thumb : (int, int), optional
         Also return ``thumbnails`` (uint8, this size) so reports need not reopen the images.
-    jit : bool
+    jit : bool, optional
         Compile the summaries (reductions, casts, non-finite checks) with XLA, the model itself
-        not. XLA fuses the mean and the max of a map into one pass over it: on 2 CPU cores
-        (the benchmark's mini-ResNet, batch 64, 7 maps) about 6.5 ms of CPU per batch instead of
-        10.5 ms. The model stays on TensorFlow's own kernels: with XLA's CPU convolutions the bare
-        forward ran 1.7-2.6x slower. If XLA cannot compile the summaries (first call), they run
-        without it.
+        not. XLA fuses the mean and the max of a map into one pass over it (on 2 CPU cores, the
+        benchmark's mini-ResNet, batch 64, 7 maps: about 6.5 ms of CPU per batch instead of
+        10.5 ms). Default (``None``): on a GPU yes, on a CPU no, as Keras' own
+        ``jit_compile="auto"`` decides: with TensorFlow 2.21 the XLA-compiled summaries killed the
+        process with SIGSEGV in about 1 CPU run in 10 (3 of 45 runs of a small CNN; 0 of 55
+        without XLA). If XLA cannot compile the summaries (first call), they run without it.
     jit_model : bool
         Compile the model part too (``compute.xla``), as one XLA cluster of its own (the
         summaries stay per map). Slower on CPUs as measured above, often faster on GPUs: the
@@ -77,6 +78,10 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
     """
     import tensorflow as tf
 
+    from pipeline.backend.autobatch import cpu_only
+
+    if jit is None:
+        jit = not cpu_only()
     a, b = float(scale[0]), float(scale[1])
     layers = list(layer_kinds)
     out_dtype = tf.float16 if dtype == "float16" else tf.float32

@@ -134,14 +134,16 @@ def build_forward(cfg, model, names, kinds, size, jit_model=None):
     """The compiled per-batch computation (:func:`pipeline.extraction.forward.make_forward`) of this config.
 
     ``jit_model`` (XLA for the model part) defaults to ``compute.xla: on``; ``auto`` is decided
-    before (:mod:`pipeline.extraction.tuning`) and counts as off here.
+    before (:mod:`pipeline.extraction.tuning`) and counts as off here. With ``on`` the summaries
+    are XLA-compiled too; otherwise only on a GPU (``make_forward``'s default).
     """
     ex = cfg.extract
     thumb, as_is = _thumbnail(size, ex)
     if jit_model is None:
         jit_model = cfg.compute.xla == "on"
     return make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
-                        ex.dtype, ex.spatial_samples, None if as_is else thumb, jit_model=jit_model)
+                        ex.dtype, ex.spatial_samples, None if as_is else thumb,
+                        jit=True if cfg.compute.xla == "on" else None, jit_model=jit_model)
 
 
 def batch_runner(cfg, model, names, kinds, size, forward=None):
