@@ -36,7 +36,7 @@ layers of 64-128 channels + a dense head; ``layers: auto`` taps all eight, mean 
 2. Where the time goes. Probes on the same in-memory batches split the gap between the bare
    forward and the extraction loop: the uint8 -> float conversion, tapping every layer, the
    mean/max reductions alone (on feature maps computed beforehand), the copies back, the stage's
-   compiled forward alone (with and without XLA on its summaries), the loader alone (``.npz``
+   compiled forward alone (and with XLA on its summaries, as on a GPU), the loader alone (``.npz``
    read, PNG decode) and the zarr write of one chunk group alone; the loop's own events say how
    long the device thread waited for the loader and the writer. A bare forward with XLA on the
    whole model is measured too, and the loop's ratio against it printed beside the headline.
@@ -250,7 +250,7 @@ def make_bare(model_path, float_input=False, jit=False, size=SIZE):
 
     With ``float_input`` the batches arrive as float32 already scaled: the difference is the
     cost of the uint8 -> float conversion. With ``jit`` the whole model is compiled by XLA (the
-    stage compiles only its summaries with XLA; this shows why not the model too).
+    stage does not on a CPU: this shows why).
     """
     import keras
     import tensorflow as tf
@@ -297,10 +297,11 @@ class StageParts:
         # Exactly what the stage runs per batch (thumbnails, padding, copies back included).
         self.run_batch = plan.batch_runner(self.cfg, self.model, self.names, self.kinds, (SIZE, SIZE))
         extractor = self.model.build_extractor(self.names)
-        # The same without XLA on the summaries (the stage's fallback): what fusing them saves.
+        # The same with XLA on the summaries (the stage's choice on a GPU; on a CPU it crashed the
+        # process now and then, see make_forward): what fusing them would save here.
         ex = self.cfg.extract
-        self.run_batch_nojit = BatchRunner(
-            make_forward(extractor, self.kinds, ex.reduce, parse_scale(self.cfg.data.scale), ex.dtype, jit=False),
+        self.run_batch_xla = BatchRunner(
+            make_forward(extractor, self.kinds, ex.reduce, parse_scale(self.cfg.data.scale), ex.dtype, jit=True),
             ex.batch_size, thumbnails_as_is=True)
         maps = [i for i, name in enumerate(self.names) if self.kinds[name] == "map"]
 
@@ -315,8 +316,8 @@ class StageParts:
         # One read of every map (a max alone): the least any summary of the maps costs.
         self.read_once = tf.function(lambda ys: [tf.reduce_max(y, axis=[1, 2]) for y in ys])
 
-    def forward_pass(self, batches, jit=True):
-        run_batch = self.run_batch if jit else self.run_batch_nojit
+    def forward_pass(self, batches, xla=False):
+        run_batch = self.run_batch_xla if xla else self.run_batch
 
         def run():
             for i, b in enumerate(batches):
@@ -511,7 +512,7 @@ def run_all(tf, tmp, n, rss_n, repeats):
         "taps": over(tensors, lambda b: parts.taps(b).numpy()),
         "reductions": parts.reductions_pass(tensors),
         "stage_forward": parts.forward_pass(arrays),
-        "stage_forward_nojit": parts.forward_pass(arrays, jit=False),
+        "stage_forward_xla": parts.forward_pass(arrays, xla=True),
         "load_npz": loader_pass(cfg_npz),
         "load_folder": loader_pass(cfg_dir),
         "npz": lambda: stage_figures(cfg_npz, n),
@@ -695,7 +696,7 @@ def time_steps(results, n, group):
     dir_cpu = 1e3 * med(results, "folder", "cpu_per_img") * BATCH
     bare_w, bare_c = per_batch("bare"), per_batch("bare", "cpu")
     fwd_w, fwd_c = per_batch("stage_forward"), per_batch("stage_forward", "cpu")
-    nojit_w, nojit_c = per_batch("stage_forward_nojit"), per_batch("stage_forward_nojit", "cpu")
+    xla_w, xla_c = per_batch("stage_forward_xla"), per_batch("stage_forward_xla", "cpu")
 
     def in_loop(key, name="npz"):  # a step's total in the loop, per batch
         return 1e3 * med(results, name, key) / loop_b
@@ -710,9 +711,9 @@ def time_steps(results, n, group):
         ("  one read of every map alone (a max: the least any summary costs)",
          per_batch("reductions", "read_s"), None),
         ("copies back: .numpy() of the 14 reduced arrays", per_batch("reductions", "copy_s"), None),
-        ("stage forward alone (plan.batch_runner: taps, XLA summaries, copies)", fwd_w, fwd_c),
+        ("stage forward alone (plan.batch_runner: taps, summaries, copies)", fwd_w, fwd_c),
         ("  minus bare", fwd_w - bare_w, fwd_c - bare_c),
-        ("  the same without XLA on the summaries, minus bare", nojit_w - bare_w, nojit_c - bare_c),
+        ("  the same with XLA on the summaries (GPU default), minus bare", xla_w - bare_w, xla_c - bare_c),
         ("extraction loop, .npz, per batch", npz_wall, npz_cpu),
         ("  minus stage forward alone (loader, writer, Python)", npz_wall - fwd_w, npz_cpu - fwd_c),
         ("  forward calls inside the loop (mean)", in_loop("fwd_s"), None),
@@ -751,7 +752,7 @@ def notes_for(results, n, rss, parts, repeats, group):
         f"channel, batch {BATCH}, N={n} ({-(-n // BATCH)} batches); the model's input is no larger than "
         f"extract.thumbnail_size, so thumbnails are the input pixels (no device work).",
         f"{repeats} repeats; in each, in this order: bare, bare with XLA, bare on floats, taps, reductions, stage "
-        "forward alone (with and without XLA summaries), loaders alone, extract npz, extract folder, one chunk-group "
+        "forward alone (and with XLA summaries), loaders alone, extract npz, extract folder, one chunk-group "
         "write. The stage runs unchanged; its loop reports its steps through pipeline.extraction.loop.observe. "
         "Loop rates: images after the first "
         "batch / time from the end of the first forward call to the end of the batch loop. CPU = "
