@@ -46,7 +46,7 @@ OUTPUTS = ("bias", "bias_verdicts", "probe_units", "probe_predictions", "probe_i
 
 
 def _params(cfg):
-    # compute.xla does not act on the probe's forward passes (only its summaries are XLA-compiled)
+    # compute.xla does not act on the probe's forward passes (make_forward's default decides their summaries)
     return {"probe": cfg.probe.model_dump(mode="json"), "seed": cfg.seed, **compute_params(cfg, xla=False)}
 
 
