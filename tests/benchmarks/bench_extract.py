@@ -2,7 +2,7 @@
 
 Run from the repository root, on an otherwise idle machine::
 
-    python tests/benchmarks/bench_extract.py            # N = 4000, RSS at 2000 / 8000, two architectures (~9 min on 2 cores)
+    python tests/benchmarks/bench_extract.py            # N = 4000, RSS at 2000 / 8000, two architectures (~7 min)
     python tests/benchmarks/bench_extract.py --quick    # smoke run, about 5 minutes
     python tests/benchmarks/bench_extract.py --archs none   # the mini-ResNet only (~4 min)
 
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -488,16 +489,24 @@ def make_data(tmp, n, rss_n):
     return model_path, x
 
 
+def stage_config(tmp, model_path, name, data, limit=None):
+    """The raw config of one measured stage run: ``layers: auto``, batch ``BATCH``, output under ``tmp/runs``."""
+    return {"name": name, "out": str(tmp / "runs" / name), "model": str(model_path),
+            "data": dict(data, **({"limit": limit} if limit else {})), "layers": "auto",
+            "extract": {"batch_size": BATCH}}
+
+
+def loop_ratios(results, n, name="npz", base="bare"):
+    """Per repeat: ``base``'s wall time per image over the stage loop's (``name``), each against its own repeat."""
+    return [(b["wall"] / n) / (e["seconds"] / (n - BATCH)) for b, e in zip(results[base], results[name])]
+
+
 def run_all(tf, tmp, n, rss_n, repeats):
     log(f"bench_extract: N={n}, batch {BATCH}, RSS at {rss_n} / {4 * rss_n}, {repeats} interleaved repeats "
         f"(medians), {os.cpu_count()} CPUs, TensorFlow {tf.__version__}, temp dir {tmp}")
     model_path, x = make_data(tmp, n, rss_n)
 
-    def cfg(name, data, limit=None):
-        d = dict(data, **({"limit": limit} if limit else {}))
-        return {"name": name, "out": str(tmp / "runs" / name), "model": str(model_path), "data": d,
-                "layers": "auto", "extract": {"batch_size": BATCH}}
-
+    cfg = functools.partial(stage_config, tmp, model_path)
     cfg_npz, cfg_dir = cfg("npz", {"npz": str(tmp / "data.npz")}), cfg("folder", {"images": str(tmp / "images")})
     arrays = [x[i:i + BATCH] for i in range(0, n, BATCH)]
     tensors = [tf.constant(b) for b in arrays]
@@ -562,9 +571,7 @@ def arch_case(tf, tmp, arch, n, repeats):
     np.savez(tmp / f"{arch}.npz", x=x, y=rng.integers(0, CLASSES, n))
 
     def cfg(name, limit=None):
-        data = {"npz": str(tmp / f"{arch}.npz"), **({"limit": limit} if limit else {})}
-        return {"name": name, "out": str(tmp / "runs" / name), "model": str(path), "data": data,
-                "layers": "auto", "extract": {"batch_size": BATCH}}
+        return stage_config(tmp, path, name, {"npz": str(tmp / f"{arch}.npz")}, limit)
 
     bare = make_bare(path, size=ARCH_SIZE)
     tensors = [tf.constant(x[i:i + BATCH]) for i in range(0, n, BATCH)]
@@ -578,7 +585,7 @@ def arch_case(tf, tmp, arch, n, repeats):
         log(f"{arch} repeat {r + 1}/{repeats}: bare {n / results['bare'][-1]['wall']:.1f} img/s, extract npz "
             f"{results['npz'][-1]['rate']:.1f} img/s; load {os.getloadavg()[0]:.1f}, other processes "
             "{:.2f} cores".format(others(results, r)[0]))
-    ratios = [(b["wall"] / n) / (e["seconds"] / (n - BATCH)) for b, e in zip(results["bare"], results["npz"])]
+    ratios = loop_ratios(results, n)
     idle = [ratios[r] for r in range(repeats) if idle_repeat(results, r)]
     bare_rate = statistics.median(n / r["wall"] for r in results["bare"])
     head = f"{arch} {ARCH_SIZE} px"
@@ -616,37 +623,30 @@ def med(results, name, key):
     return statistics.median(r[key] for r in results[name])
 
 
-def paired(results, name, key, base="bare", base_key="wall"):
-    """Median over repeats of ``base``'s time per image / ``name``'s, each repeat against its own baseline."""
-    return statistics.median(b[base_key] / r[key] for r, b in zip(results[name], results[base]))
-
-
 def headline_rows(results, n, max_diff, rss, rss_n):
     def rate(name):
         values = sorted(n / r["wall"] if "rate" not in r else r["rate"] for r in results[name])
         return f"{statistics.median(values):.0f} [{values[0]:.0f}-{values[-1]:.0f}]"
 
-    per_img = {k: [dict(r, t=r["seconds"] / (n - BATCH)) for r in results[k]] for k in ("npz", "folder")}
-    bare = [dict(r, t=r["wall"] / n, c=r["cpu"] / n) for r in results["bare"]]
-    res = {**per_img, "bare": bare}
-    wall = {k: paired(res, k, "t", base_key="t") for k in per_img}
-    cpu = {k: paired(res, k, "cpu_per_img", base_key="c") for k in per_img}
+    loops = ("npz", "folder")
+    wall = {k: statistics.median(loop_ratios(results, n, k)) for k in loops}
+    cpu = {k: statistics.median((b["cpu"] / n) / r["cpu_per_img"] for r, b in zip(results[k], results["bare"]))
+           for k in loops}
     whole = {k: statistics.median(b["wall"] / r["stage_s"] for r, b in zip(results[k], results["bare"]))
-             for k in per_img}
+             for k in loops}
     # Other processes on the machine slow the bare pass (both cores busy) more than the loop (which
     # has idle moments to give away): on a busy machine the ratio flatters us. The target is judged
     # on the repeats in which other processes used under IDLE cores, if any.
     idle = [r for r in range(len(results["bare"])) if idle_repeat(results, r)]
-    wall_idle = (statistics.median(bare[r]["t"] / per_img["npz"][r]["t"] for r in idle) if idle else None)
+    wall_idle = statistics.median(loop_ratios(results, n)[r] for r in idle) if idle else None
     fwd_idle = (statistics.median(results["bare"][r]["wall"] / results["stage_forward"][r]["wall"] for r in idle)
                 if idle else None)
     # The floor of any extraction of these maps: the bare pass, plus tapping the layers, plus reading
     # every map once (the summaries must; the maps are far larger than the caches).
     taps = max(0.0, med(results, "taps", "wall") - med(results, "bare", "wall"))
     floor = med(results, "bare", "wall") / (med(results, "bare", "wall") + taps + med(results, "reductions", "read_s"))
-    xla = [dict(r, t=r["wall"] / n) for r in results["bare_xla"]]
-    vs_xla = statistics.median(b["t"] / r["t"] for r, b in zip(per_img["npz"], xla))
-    cores = {k: statistics.median(r["cpu_per_img"] * (n - BATCH) / r["seconds"] for r in results[k]) for k in per_img}
+    vs_xla = statistics.median(loop_ratios(results, n, base="bare_xla"))
+    cores = {k: statistics.median(r["cpu_per_img"] * (n - BATCH) / r["seconds"] for r in results[k]) for k in loops}
     cores["bare"] = statistics.median(r["cpu"] / r["wall"] for r in results["bare"])
     a, b = (r["peak_kb"] / 1024 for r in rss)
     a2, b2 = (r["loop_peak_kb"] / 1024 if r["loop_peak_kb"] else float("nan") for r in rss)
@@ -654,7 +654,7 @@ def headline_rows(results, n, max_diff, rss, rss_n):
         ("bare compiled forward, pixels in memory (img/s) [range]", rate("bare"), "", ""),
         ("extract, .npz, the stage's loop (img/s)", rate("npz"), "", ""),
         ("extract, PNG folder, the stage's loop (img/s)", rate("folder"), "", ""),
-        (f"extract vs bare, .npz: wall, idle repeats only ({len(idle)} of {len(bare)})",
+        (f"extract vs bare, .npz: wall, idle repeats only ({len(idle)} of {len(results['bare'])})",
          f"{wall_idle:.2f}x" if idle else "none idle", ">=0.9", ok(wall_idle >= 0.9) if idle else "n/a"),
         ("  stage forward alone vs bare, idle repeats", f"{fwd_idle:.2f}x" if idle else "none idle", "(info)", ""),
         ("  floor: bare / (bare + tapping + one read of every map)", f"{floor:.2f}x", "(info)", ""),
