@@ -194,6 +194,23 @@ def test_the_writer_compresses_at_the_lowest_priority_and_the_device_thread_keep
     np.testing.assert_array_equal(root["x"][:4], 1)
 
 
+@pytest.mark.parametrize("shape,split", [((3, 28, 28, 128), True), ((3, 56, 56, 24), True),
+                                         ((3, 7, 7, 2048), False), ((3, 112, 112, 8), False),
+                                         ((3, 16, 16, 64), False), ((3, 5), False), ((3, None, None, 256), False)])
+def test_maps_with_many_channels_reduce_in_two_steps_to_the_same_values(shape, split):
+    """Mean and max over H and W: split into H then W only inside the measured bounds, same numbers either way."""
+    import tensorflow as tf
+
+    from pipeline.extraction.forward import spatial_reduce, two_stage
+
+    assert two_stage(shape) is split
+    if None in shape or len(shape) != 4:
+        return
+    y = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(spatial_reduce(tf.constant(y), tf.reduce_mean), y.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(spatial_reduce(tf.constant(y), tf.reduce_max), y.max(axis=(1, 2)))
+
+
 @pytest.mark.parametrize("dtype,row_shape", [("float32", (7,)), ("float16", (3, 5)), ("uint8", (4, 4, 3)),
                                              ("int32", (2, 2))])
 def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_shape):
