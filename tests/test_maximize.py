@@ -465,4 +465,25 @@ def test_stage_definition():
     from pipeline.stages import maximize
 
     assert maximize.STAGE.name == "maximize" and maximize.STAGE.outputs == ("maximize",)
-    assert "extract" in maximize.STAGE.deps
+    assert maximize.STAGE.deps == ("extract",) and maximize.STAGE.optional == ("cluster",)
+
+
+def test_maximize_runs_without_the_cluster_stage_and_adds_cluster_images_once_it_has_run(extracted_run, capsys):
+    from pipeline.orchestration.runner import Runner
+    from pipeline.stages import all_stages
+
+    cfg = extracted_run(units="all", classes=False)
+    runner = Runner(cfg, all_stages())
+    assert runner.run(only="maximize") == [("maximize", "done")]
+    assert "(cluster stage not run); no cluster images" in capsys.readouterr().err
+    index = Catalog(RunStore(cfg.out_dir)).read("maximize")
+    assert set(index["kind"]) == {"unit"} and len(index) == 5
+
+    runner.run(only="cluster")
+    assert runner.state(runner.by_name["maximize"]) == ("stale", "upstream stage 'cluster' changed")
+    runner.run(only="maximize")
+    index = Catalog(RunStore(cfg.out_dir)).read("maximize")
+    clusters = (Catalog(RunStore(cfg.out_dir)).read("cluster_summary")["cluster"] >= 0).sum()
+    assert (index["kind"] == "cluster").sum() == clusters and (index["kind"] == "unit").sum() == 5
+    record = runner.manifest()["stages"]["maximize"]["summary"]
+    assert record["rendered"] == clusters   # the unit images were reused

@@ -561,5 +561,8 @@ def _round(x):
     return None if x is None or not np.isfinite(x) else round(float(x), 4)
 
 
-STAGE = Stage(name="maximize", deps=("extract", "cluster"), params=_params,
+# The cluster stage is optional: without it (or with maximize.clusters: false) units and classes are
+# rendered and cluster directions are not (said in the log); once it runs, this stage reruns and
+# renders only the cluster images (the rest are reused from the part files).
+STAGE = Stage(name="maximize", deps=("extract",), optional=("cluster",), params=_params,
               outputs=("maximize",), run=run, version="1")

@@ -588,6 +588,7 @@ def arch_case(tf, tmp, arch, n, repeats):
     ratios = loop_ratios(results, n)
     idle = [ratios[r] for r in range(repeats) if idle_repeat(results, r)]
     bare_rate = statistics.median(n / r["wall"] for r in results["bare"])
+    cpu_ms = statistics.median(r["cpu"] / n for r in results["bare"]) * 1e3
     head = f"{arch} {ARCH_SIZE} px"
     return [
         (f"{head}: bare / extract .npz loop (img/s)", f"{bare_rate:.1f} / {med(results, 'npz', 'rate'):.1f}", "", ""),
@@ -596,6 +597,10 @@ def arch_case(tf, tmp, arch, n, repeats):
          ok(statistics.median(idle) >= 0.9) if idle else "n/a"),
         (f"  {head}: every repeat [range]", f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}-{max(ratios):.2f}]",
          "(info)", ""),
+        (f"  {head}: process CPU per image, bare / extract (ratio)",
+         f"{cpu_ms:.0f} / {med(results, 'npz', 'cpu_per_img') * 1e3:.0f} ms ({cpu_ms / 1e3 / med(results, 'npz', 'cpu_per_img'):.2f}x)",
+         "(info)", ""),
+        (f"  {head}: load average (1 min) during the repeats", f"{med(results, 'npz', 'load'):.1f}", "(info)", ""),
     ]
 
 
