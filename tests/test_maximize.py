@@ -484,6 +484,7 @@ def test_maximize_runs_without_the_cluster_stage_and_adds_cluster_images_once_it
     runner.run(only="maximize")
     index = Catalog(RunStore(cfg.out_dir)).read("maximize")
     clusters = (Catalog(RunStore(cfg.out_dir)).read("cluster_summary")["cluster"] >= 0).sum()
+    assert clusters >= 1
     assert (index["kind"] == "cluster").sum() == clusters and (index["kind"] == "unit").sum() == 5
     record = runner.manifest()["stages"]["maximize"]["summary"]
     assert record["rendered"] == clusters   # the unit images were reused
