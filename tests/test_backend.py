@@ -259,11 +259,11 @@ def test_tensorflow_environment_is_defined_once(monkeypatch):
     from pipeline.backend.tf import TF_ENV, set_env
     from pipeline.engines.cluster import WORKER_ENV
 
-    assert WORKER_ENV == TF_ENV == {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    assert WORKER_ENV == TF_ENV == {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")  # the user's choice is kept
     set_env()
-    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2" and os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3" and os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
 
 
 def test_projector_folders_are_plain_names_or_the_report_slug():

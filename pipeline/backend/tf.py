@@ -15,8 +15,12 @@ import sys
 from contextlib import contextmanager
 
 # Read by TensorFlow when it is imported, so set before: oneDNN's gradient of strided 1x1
-# convolutions can crash on CPU (DESIGN.md, "Lessons"); the C++ start-up log is chatter.
-TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# convolutions can crash on CPU (DESIGN.md, "Lessons"). The C++ log is kept to FATAL lines: its
+# ERROR lines are chatter too (TensorFlow 2.21 logs "NodeDef mentions attribute
+# use_unbounded_threadpool which is not in the op definition" whenever its op-determinism rewrite
+# turns the parallel map of Keras' array adapter into a plain map: at every `fit` of the demo and
+# the remedy), while real failures reach us as exceptions. A value the user set is kept.
+TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
 def set_env() -> None:
