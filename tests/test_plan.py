@@ -28,6 +28,19 @@ def test_plan_prints_every_stage_with_time_and_memory_and_cuts_over_budget(tmp_p
     assert not (tmp_path / "run").exists(), "planning does no work and writes nothing"
 
 
+def test_the_plan_times_the_model_in_the_configured_precision(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.orchestration.planning import plan_run
+
+    zoo.image_folder(tmp_path / "images", per_class=2)
+    model = zoo.save(zoo.sequential(), tmp_path / "model", "keras")
+    for precision in ("float32", "mixed_float16"):
+        path = write_config(tmp_path, model, tmp_path / "images", compute={"precision": precision})
+        plan = plan_run(load_config(path), ["extract"])
+        assert plan.header[0].startswith("plan: 6 images")
+        assert (" in mixed_float16:" in plan.header[0]) is (precision == "mixed_float16"), plan.header[0]
+
+
 def test_run_starts_with_the_plan_and_a_time_budget_leaves_maximize_partial(tmp_path, capsys):
     zoo.image_folder(tmp_path / "images", per_class=4)
     model = zoo.save(zoo.sequential(), tmp_path / "model", "keras")

@@ -145,6 +145,7 @@ class Warmup:
     memory_forward: float
     memory_actmax: float
     device: str
+    precision: str = "float32"  # what the model computed in (compute.precision, if it applied)
 
 
 def warm_up(model, names, kinds, size, channels, cfg, n_images=None) -> Warmup:
@@ -182,7 +183,12 @@ def warm_up(model, names, kinds, size, channels, cfg, n_images=None) -> Warmup:
     devices = gpus()
     return Warmup(forward=t_fwd / bs, actmax_step=t_step / mb, compile_forward=compile_fwd,
                   compile_actmax=compile_mx, memory_forward=mem_fwd, memory_actmax=rss(),
-                  device=", ".join(devices) if devices else "CPU")
+                  device=", ".join(devices) if devices else "CPU",
+                  precision=getattr(model, "precision", "float32"))
+
+
+def _precision(warm) -> str:
+    return "" if warm.precision == "float32" else f" in {warm.precision}"
 
 
 def _twice(fn):
@@ -233,7 +239,7 @@ def make_plan(cfg, model, choice, warm, n_images, n_classes, stages, size, clust
     from pipeline.inputs.autolayers import summary_line
 
     header = [f"plan: {n_images} images, {len(names)} layers ({total_units:,} units), "
-              f"warm-up on {warm.device}: forward {warm.forward * 1e3:.1f} ms/image, "
+              f"warm-up on {warm.device}{_precision(warm)}: forward {warm.forward * 1e3:.1f} ms/image, "
               f"act-max step {warm.actmax_step * 1e3:.1f} ms/image",
               f"  layers: {summary_line(model.layers, choice, cfg.layers)}"]
     estimates = [est[s]() for s in stages if s in est]
@@ -350,7 +356,8 @@ def plan_run(cfg, stages, clusters_per_layer=None) -> Plan:
     from pipeline.inputs.models import load_model
     from pipeline.extraction.plan import input_geometry, layer_kinds
 
-    model = load_model(cfg.model, cfg.trust_model)
+    # in the stages' precision: float16 on a CPU can be several times slower than float32
+    model = load_model(cfg.model, cfg.trust_model, cfg.compute.precision)
     size, channels = input_geometry(model, cfg.data)
     choice = choose(model, cfg.layers)
     names = [n for n, _ in choice]
