@@ -49,13 +49,14 @@ def two_stage(shape) -> bool:
     return 196 <= positions <= 3136 and positions * shape[3] >= 65536
 
 
-def spatial_reduce(y, op):
+def spatial_reduce(y, op, split=True):
     """``op`` (``tf.reduce_mean`` or ``tf.reduce_max``) over axes 1 and 2 of ``y``.
 
-    In two steps when :func:`two_stage` says it is faster; both give the same values (the mean
-    of equal-sized row means is the mean, up to float rounding).
+    With ``split``, in two steps when :func:`two_stage` says it is faster; both give the same
+    values (the mean of equal-sized row means is the mean, up to float rounding). The split works
+    around TensorFlow's own CPU kernel: XLA-compiled summaries (``split=False``) keep one reduction.
     """
-    if two_stage(tuple(y.shape)):
+    if split and two_stage(tuple(y.shape)):
         return op(op(y, axis=1), axis=1)
     return op(y, axis=[1, 2])
 
@@ -126,11 +127,11 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         return tf.cond(finite, lambda: tf.constant(0, tf.int64),
                        lambda: tf.math.count_nonzero(tf.logical_and(mask(y), ~tf.math.is_finite(y)), dtype=tf.int64))
 
-    def map_summary(y, rows):
+    def map_summary(y, rows, split=True):
         """One feature map's reductions and non-finite count (what XLA compiles, one map at a time)."""
         y = tf.cast(y, tf.float32)
-        means = spatial_reduce(y, tf.reduce_mean)
-        reduced = {r: means if r == "mean" else spatial_reduce(y, tf.reduce_max) for r in reductions}
+        means = spatial_reduce(y, tf.reduce_mean, split)
+        reduced = {r: means if r == "mean" else spatial_reduce(y, tf.reduce_max, split) for r in reductions}
         return reduced, count_nonfinite(means, y, rows)
 
     def summarise(outputs, logits, positions, valid, per_map):
@@ -161,7 +162,8 @@ def make_forward(extractor, layer_kinds, reductions, scale, dtype="float32", spa
         # One XLA cluster per map, not one for all: each map's reductions start as soon as the map
         # exists and overlap the layers after it (a single cluster waited for every map and then
         # ran alone on one core: slower in wall time than no XLA at all).
-        per_map = tf.function(map_summary, jit_compile=True) if use_jit else map_summary
+        per_map = (tf.function(lambda y, rows: map_summary(y, rows, split=False), jit_compile=True) if use_jit
+                   else map_summary)
         model = tf.function(extractor, jit_compile=True) if use_jit_model else extractor
 
         # Callers pad the last batch to the full batch size, so this traces once.
