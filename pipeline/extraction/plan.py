@@ -137,13 +137,11 @@ def build_forward(cfg, model, names, kinds, size, jit_model=None):
     before (:mod:`pipeline.extraction.tuning`) and counts as off here. With ``on`` the summaries
     are XLA-compiled too; otherwise only on a GPU (``make_forward``'s default).
     """
-    ex = cfg.extract
+    ex, on = cfg.extract, cfg.compute.xla == "on"
     thumb, as_is = _thumbnail(size, ex)
-    if jit_model is None:
-        jit_model = cfg.compute.xla == "on"
     return make_forward(model.build_extractor(names), kinds, ex.reduce, parse_scale(cfg.data.scale),
                         ex.dtype, ex.spatial_samples, None if as_is else thumb,
-                        jit=True if cfg.compute.xla == "on" else None, jit_model=jit_model)
+                        jit=True if on else None, jit_model=on if jit_model is None else jit_model)
 
 
 def batch_runner(cfg, model, names, kinds, size, forward=None):
