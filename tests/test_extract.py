@@ -159,7 +159,10 @@ def test_the_loop_reports_every_step_to_an_observer_and_nothing_without_one(tmp_
         assert main(["run", str(config), "--only", "extract"]) == 0
     steps = [e.step for e in events]
     assert steps[0] == "start" and steps[-1] == "loop"
-    assert [e.rows for e in events if e.step == "forward"] == [5, 5, 2]
+    forwards = sorted((e for e in events if e.step == "forward"), key=lambda e: e.start)
+    assert [e.rows for e in forwards] == [5, 5, 2]  # started in order (two may run at once: finish in any)
+    assert {e.thread.split("_")[0] for e in forwards} == {"extract-device"}
+    assert all(forwards[0].end <= e.start for e in forwards[1:])  # the first call (the trace) runs alone
     assert [e.rows for e in events if e.step == "load"] == [5, 5, 2]
     assert [(e.group, e.rows) for e in events if e.step == "write"] == [(0, 10), (1, 2)]
     assert [e.group for e in events if e.step == "record"] == [0, 1]
@@ -169,6 +172,73 @@ def test_the_loop_reports_every_step_to_an_observer_and_nothing_without_one(tmp_
     assert all(e.cpu > 0 for e in events)
     assert main(["run", str(config), "--only", "extract", "--force"]) == 0  # outside: no more events
     assert len(events) == len(steps)
+
+
+def test_two_batches_run_at_once_after_the_first_and_groups_are_written_in_order(tmp_path):
+    """On a CPU the loop keeps two forward calls in flight; what is stored is what one at a time stores."""
+    import threading
+    import time
+
+    import zarr
+
+    from pipeline.extraction.loop import BatchRunner, ChunkWriter, stream_groups
+    from pipeline.extraction.plan import inflight
+
+    assert inflight() == 2  # no GPU here
+
+    x = np.arange(23 * 2, dtype=np.float32).reshape(23, 2)
+    groups = [(0, 8), (8, 16), (16, 23)]  # chunk groups of two batches of 4 (the last: 4 + 3)
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+
+    def forward(pixels, positions, valid):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        time.sleep(0.02)  # long enough for the next batch to be started meanwhile
+        with lock:
+            state["now"] -= 1
+        return {"a": pixels[:valid] * 2}, {"a": 0}
+
+    stored = {}
+    for k in (1, 2):
+        state["most"] = 0
+        root = zarr.open_group(str(tmp_path / f"inflight{k}"), mode="w")
+        recorded = []
+        writer = ChunkWriter(root, lambda g, bad: recorded.append(g), n=len(x), rows=8)
+        runner = BatchRunner(forward, 4, inflight=k)
+        stream_groups(runner, lambda rows: x[rows], groups, [0, 1, 2], len(x), 4, writer)
+        assert state["most"] == k and runner.calls == 6 and recorded == [0, 1, 2]
+        stored[k] = root["a"][:]
+    np.testing.assert_array_equal(stored[1], x * 2)
+    np.testing.assert_array_equal(stored[2], stored[1])
+
+
+def test_an_error_in_a_forward_call_stops_the_loop_and_records_only_finished_groups(tmp_path):
+    import zarr
+
+    from pipeline.extraction.loop import BatchRunner, ChunkWriter, stream_groups
+
+    x = np.zeros((16, 2), np.float32)
+
+    def forward(pixels, positions, valid):
+        if pixels[0, 0] < 0:
+            raise RuntimeError("boom")
+        return {"a": pixels[:valid]}, {}
+
+    x[12:] = -1  # the fourth batch (second group) fails
+    recorded = []
+    writer = ChunkWriter(zarr.open_group(str(tmp_path / "z"), mode="w"), lambda g, bad: recorded.append(g), 16, 8)
+    with pytest.raises(RuntimeError, match="boom"):
+        stream_groups(BatchRunner(forward, 4, inflight=2), lambda rows: x[rows], [(0, 8), (8, 16)], [0, 1], 16, 4,
+                      writer)
+    assert recorded == [0]
+    assert not [t for t in threading_names() if t.startswith(("extract-device", "extract-loader"))]
+
+
+def threading_names():
+    import threading
+
+    return [t.name for t in threading.enumerate()]
 
 
 @pytest.mark.skipif(not hasattr(os, "setpriority"), reason="thread priorities are a POSIX feature")

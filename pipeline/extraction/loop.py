@@ -121,12 +121,21 @@ class BatchRunner:
     thumbnails_as_is : bool
         The thumbnails are the input pixels (thumbnail size = input size; an area resize to the
         same size is the identity), so they are taken on the host and ``forward`` makes none.
+    inflight : int
+        Batches :func:`stream_groups` runs through ``forward`` at once once it is traced (see
+        :func:`pipeline.extraction.plan.inflight`).
+
+    Attributes
+    ----------
+    calls : int
+        Forward passes completed.
     """
 
-    def __init__(self, forward, batch_size, positions=None, position_keys=(), thumbnails_as_is=False):
+    def __init__(self, forward, batch_size, positions=None, position_keys=(), thumbnails_as_is=False,
+                 inflight=1):
         self.forward, self.batch_size = forward, batch_size
         self.positions, self.position_keys = positions, list(position_keys)
-        self.thumbnails_as_is = thumbnails_as_is
+        self.thumbnails_as_is, self.inflight, self.calls = thumbnails_as_is, inflight, 0
 
     def prepare(self, pixels, start, n):
         """Host work for the batch of rows ``start...``: ``(padded pixels, positions, valid, host arrays)``."""
@@ -144,6 +153,7 @@ class BatchRunner:
         pixels, positions, valid, host = prepared
         arrays, bad = self.forward(pixels, positions, valid)
         arrays.update(host)
+        self.calls += 1
         return arrays, bad
 
     def __call__(self, pixels, start, n):
@@ -293,7 +303,9 @@ def stream_groups(run_batch, load, groups, todo, n, batch_size, writer, advance=
     Parameters
     ----------
     run_batch : BatchRunner
-        Its ``prepare`` runs in the loader thread, its ``run`` in this one.
+        Its ``prepare`` runs in the loader thread, its ``run`` in the device threads: the first
+        batch alone (it traces the compiled graph), then up to ``run_batch.inflight`` at once.
+        Results are collected in order, so the stored arrays do not depend on ``inflight``.
     load : callable
         ``load(rows) -> uint8 (B, H, W, C)`` for dataset positions ``rows``; runs in the loader thread.
     groups : list of (int, int)
@@ -324,29 +336,55 @@ def stream_groups(run_batch, load, groups, todo, n, batch_size, writer, advance=
             _emit("prepare", t0, stop - start, g)
         return prepared
 
+    def forward(item, prepared):  # in a device thread
+        t0 = _clock()
+        result = run_batch.run(prepared)
+        if t0:
+            _emit("forward", t0, item[2] - item[1], item[0])
+        return result
+
     parts, bad_total = {}, {}
+
+    def collect(item, result):  # in this thread, in batch order
+        nonlocal parts, bad_total
+        (g, start, stop), (arrays, bad) = item, result
+        for key, value in arrays.items():
+            parts.setdefault(key, []).append(value)
+        for k, v in bad.items():
+            bad_total[k] = bad_total.get(k, 0) + v
+        if advance is not None:
+            advance(stop - start)
+        if stop == groups[g][1]:
+            writer.submit(g, groups[g][0], parts, bad_total)
+            parts, bad_total = {}, {}
+
+    inflight = max(1, int(getattr(run_batch, "inflight", 1)))
+    device = ThreadPoolExecutor(inflight, thread_name_prefix="extract-device")
+    running = deque()
     try:
         # closing(): an error in this loop stops the loader at once, not when the traceback is freed.
-        with contextlib.closing(prefetched(batch_plan(groups, todo, batch_size), load_batch)) as batches:
+        with contextlib.closing(prefetched(batch_plan(groups, todo, batch_size), load_batch,
+                                           depth=max(2, inflight))) as batches:
             t0 = _clock()
-            for (g, start, stop), prepared in batches:
+            for item, prepared in batches:
                 if t0:
-                    _emit("wait-load", t0, stop - start, g)
-                    t0 = time.perf_counter()
-                arrays, bad = run_batch.run(prepared)
-                if t0:
-                    _emit("forward", t0, stop - start, g)
-                for key, value in arrays.items():
-                    parts.setdefault(key, []).append(value)
-                for k, v in bad.items():
-                    bad_total[k] = bad_total.get(k, 0) + v
-                if advance is not None:
-                    advance(stop - start)
-                if stop == groups[g][1]:
-                    writer.submit(g, groups[g][0], parts, bad_total)
-                    parts, bad_total = {}, {}
+                    _emit("wait-load", t0, item[2] - item[1], item[0])
+                running.append((item, device.submit(forward, item, prepared)))
+                # The first batch alone: its call traces the graph (and may fall back from XLA).
+                while running and (len(running) >= inflight or not _traced(run_batch)):
+                    head, future = running.popleft()
+                    collect(head, future.result())
                 t0 = _clock()
+            while running:
+                head, future = running.popleft()
+                collect(head, future.result())
     finally:
+        device.shutdown(wait=True, cancel_futures=True)
         writer.close()
     if begun:
         _emit("loop", begun)
+
+
+def _traced(run_batch):
+    """Has ``run_batch`` completed a call (so its compiled graph exists and concurrent calls reuse it)?"""
+    return getattr(run_batch, "calls", 1) > 0

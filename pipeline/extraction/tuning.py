@@ -7,7 +7,8 @@ a resumed run reuses them and writes the same arrays. :func:`resolved` turns the
 the one the batch loop runs: a number for the batch size, ``on``/``off`` for XLA.
 
 - ``batch_size: auto`` grows the batch (8, 16, … at most 1024 and the number of images, and on
-  a CPU at most what half the available memory holds by a per-image estimate) while images/s
+  a CPU at most what half the available memory holds by a per-image estimate, for the two
+  batches the loop runs at once) while images/s
   improves by 10 % or more (:func:`pipeline.backend.autobatch.search`).
 - ``compute.xla: auto`` on a GPU compiles the model part with XLA as well and keeps it if it is
   faster at the chosen batch size; it is not even tried when the whole extraction is estimated
@@ -22,7 +23,7 @@ import time
 import numpy as np
 
 from pipeline.backend import autobatch
-from pipeline.extraction.plan import build_forward
+from pipeline.extraction.plan import build_forward, inflight
 
 START, CAP = 8, 1024          # extract batch sizes tried: 8, 16, ... 1024 (and never beyond the images)
 XLA_WORTH_SECONDS = 30.0       # xla auto: a shorter extraction is not worth an XLA compile
@@ -48,7 +49,9 @@ def decide(cfg, model, names, kinds, size, channels, n, log) -> tuple[dict, obje
     probe = _Probe(cfg, model, names, kinds, size, channels)
     record = {}
     if ex.batch_size == "auto":
-        memory = (autobatch.memory_cap(autobatch.model_bytes(model, (*size, channels))) if autobatch.cpu_only() else None)
+        # On a CPU the loop holds inflight() batches at once: each gets its share of the memory.
+        memory = (autobatch.memory_cap(autobatch.model_bytes(model, (*size, channels)) * inflight())
+                  if autobatch.cpu_only() else None)
         choice = autobatch.search(autobatch.timed(lambda b: probe.call(b, False)), start=START, cap=CAP,
                                   limit=n, memory=memory)
         batch = choice.size
