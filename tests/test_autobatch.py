@@ -285,6 +285,24 @@ def test_xla_on_falls_back_with_one_line_when_xla_cannot_compile_the_model(tiny,
     assert out["conv_b/mean"].shape == (48, 8)
 
 
+def test_extract_auto_leaves_memory_for_both_batches_in_flight_on_a_cpu(tiny, monkeypatch):
+    """Two batches run at once on a CPU: the memory estimate caps the batch at half of what one would get."""
+    from pipeline.extraction import tuning
+    from pipeline.extraction.plan import inflight
+    from pipeline.inputs.models import load_model
+
+    cfg = tiny(extract={"batch_size": "auto"})
+    model = load_model(cfg.model)
+    per_image = autobatch.model_bytes(model, (16, 16, 3))
+    # Half of this memory holds 32 images for one batch in flight, 16 for each of two.
+    monkeypatch.setattr(autobatch, "available_memory", lambda: per_image * 64)
+    assert inflight() == 2
+    kinds = {"conv_a": "map", "conv_b": "map"}
+    record, _ = tuning.decide(cfg, model, ["conv_a", "conv_b"], kinds, (16, 16), 3, 48, lambda line: None)
+    tried = [t["size"] for t in record["batch_search"]["trials"]]
+    assert max(tried) <= 16 and record["batch_size"] <= 16
+
+
 # --------------------------------------------------------------------------- maximization
 
 

@@ -259,11 +259,37 @@ def test_tensorflow_environment_is_defined_once(monkeypatch):
     from pipeline.backend.tf import TF_ENV, set_env
     from pipeline.engines.cluster import WORKER_ENV
 
-    assert WORKER_ENV == TF_ENV == {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    ram_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2**20
+    assert WORKER_ENV == TF_ENV == {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3",
+                                    "TF_CPU_ALLOCATOR_USE_BFC": "1", "TF_CPU_BFC_MEM_LIMIT_IN_MB": str(ram_mb)}
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")  # the user's choice is kept
     set_env()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3" and os.environ["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+
+def test_cpu_tensors_come_from_tensorflows_pool_whose_limit_the_user_may_set(tmp_path):
+    """The pipeline's TensorFlow allocates CPU tensors from its BFC pool (no mmap per batch): with the
+    user's 200 MB limit a 400 MB tensor is refused with TensorFlow's own out-of-memory error."""
+    import subprocess
+    import sys
+
+    code = ("from pipeline.backend.tf import tensorflow\n"
+            "tf = tensorflow()\n"
+            "tf.reduce_sum(tf.ones([25, 1024, 1024])).numpy()\n"   # 100 MB: within the limit
+            "try:\n"
+            "    tf.reduce_sum(tf.ones([100, 1024, 1024])).numpy()\n"
+            "    print('allocated')\n"
+            "except tf.errors.ResourceExhaustedError:\n"
+            "    print('refused')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPU_")}
+    limited = subprocess.run([sys.executable, "-c", code], env={**env, "TF_CPU_BFC_MEM_LIMIT_IN_MB": "200"},
+                             capture_output=True, text=True, timeout=300)
+    assert limited.stdout.split() == ["refused"], limited.stderr[-2000:]
+    # The user's own allocator choice is kept: malloc has no such limit.
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**env, "TF_CPU_ALLOCATOR_USE_BFC": "0", "TF_CPU_BFC_MEM_LIMIT_IN_MB": "200"})
+    assert plain.stdout.split() == ["allocated"], plain.stderr[-2000:]
 
 
 def test_projector_folders_are_plain_names_or_the_report_slug():

@@ -2,7 +2,8 @@
 
 Every benchmark imports this first (``python tests/benchmarks/bench_x.py`` puts this folder on
 ``sys.path``); importing it puts the repository root and ``tests/`` on ``sys.path`` and turns
-oneDNN off before anything imports TensorFlow.
+oneDNN off (and sets the rest of the pipeline's TensorFlow environment) before anything imports
+TensorFlow.
 
 Measuring in a child process is the rule for memory: Linux keeps ``ru_maxrss`` across fork and
 exec, so a peak read in a process that already built data or imported TensorFlow is not the
@@ -34,6 +35,12 @@ ROOT = TESTS.parent
 for _path in (str(ROOT), str(TESTS)):  # the pipeline package, and zoo / test modules benchmarks reuse
     if _path not in sys.path:
         sys.path.insert(0, _path)
+
+# The rest of the pipeline's TensorFlow environment (its CPU allocator among them), as users get it:
+# baselines measured in the same process run under it too.
+from pipeline.backend.tf import set_env  # noqa: E402  (needs the repository on sys.path)
+
+set_env()
 
 
 def log(msg="", stream=None):
