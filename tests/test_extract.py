@@ -264,21 +264,39 @@ def test_the_writer_compresses_at_the_lowest_priority_and_the_device_thread_keep
     np.testing.assert_array_equal(root["x"][:4], 1)
 
 
-@pytest.mark.parametrize("shape,split", [((3, 28, 28, 128), True), ((3, 56, 56, 24), True),
-                                         ((3, 7, 7, 2048), False), ((3, 112, 112, 8), False),
-                                         ((3, 16, 16, 64), False), ((3, 5), False), ((3, None, None, 256), False)])
-def test_maps_with_many_channels_reduce_in_two_steps_to_the_same_values(shape, split):
-    """Mean and max over H and W: split into H then W only inside the measured bounds, same numbers either way."""
+@pytest.mark.parametrize("shape,split,large", [((3, 28, 28, 128), True, False), ((3, 56, 56, 24), True, False),
+                                               ((3, 7, 7, 2048), False, False), ((3, 112, 112, 8), False, True),
+                                               ((2, 60, 57, 3), False, True), ((3, 16, 16, 64), False, False),
+                                               ((3, 5), False, False), ((3, None, None, 256), False, False)])
+def test_maps_reduce_by_the_fastest_measured_kernels_to_the_same_values(shape, split, large):
+    """Mean and max over H and W: split into H then W, or a matrix product and a max-pool for large
+    maps, only inside the measured bounds; the same numbers as numpy whichever way."""
     import tensorflow as tf
 
-    from pipeline.extraction.forward import spatial_reduce, two_stage
+    from pipeline.extraction.forward import large_map, spatial_max, spatial_mean, two_stage
 
-    assert two_stage(shape) is split
+    assert two_stage(shape) is split and large_map(shape) is large
     if None in shape or len(shape) != 4:
         return
     y = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    np.testing.assert_allclose(spatial_reduce(tf.constant(y), tf.reduce_mean), y.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(spatial_reduce(tf.constant(y), tf.reduce_max), y.max(axis=(1, 2)))
+    for kernels in (True, False):  # False: one reduction, as the XLA-compiled summaries
+        np.testing.assert_allclose(spatial_mean(tf.constant(y), kernels), y.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(spatial_max(tf.constant(y), kernels), y.max(axis=(1, 2)))
+
+
+def test_large_maps_of_unknown_batch_and_channels_reduce_inside_a_graph():
+    import tensorflow as tf
+
+    from pipeline.extraction.forward import spatial_max, spatial_mean
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 64, 64, None), tf.float32)])
+    def summary(y):
+        return spatial_mean(y), spatial_max(y)
+
+    y = np.random.default_rng(1).standard_normal((2, 64, 64, 5)).astype(np.float32)
+    mean, top = summary(tf.constant(y))
+    np.testing.assert_allclose(mean, y.mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(top, y.max(axis=(1, 2)))
 
 
 @pytest.mark.parametrize("dtype,row_shape", [("float32", (7,)), ("float16", (3, 5)), ("uint8", (4, 4, 3)),
