@@ -1,10 +1,12 @@
 """The batch loop of extraction, one for both engines: load ahead, run the device, write behind.
 
-Three things run at once, each in its own thread, so the device never waits on the other two:
+Three things run at once, in their own threads, so the device never waits on the other two:
 
 - a loader thread reads (and, for image folders, decodes) the next batches, at most ``depth``
   ahead of the device (:func:`prefetched`);
-- the calling thread runs the compiled forward pass of the current batch (``run_batch``);
+- device threads run the compiled forward pass (``run_batch``), ``run_batch.inflight`` batches
+  at once (two on a CPU, one on a GPU), while the calling thread collects their results in
+  batch order;
 - a writer thread compresses and stores the previous chunk group (:class:`ChunkWriter`).
 
 The local extract stage and the Dask workers both call :func:`stream_groups`; only what they
@@ -37,9 +39,10 @@ class Event(NamedTuple):
     ----------
     step : str
         ``start`` (the loop begins; ``start == end``), ``load`` (loader thread: read a batch's
-        pixels), ``prepare`` (loader thread: padding, spatial positions), ``wait-load`` (the device
-        thread waiting for the loader), ``forward`` (device thread: the compiled forward pass and its
-        copy back), ``wait-write`` (device thread waiting for the previous group's write),
+        pixels), ``prepare`` (loader thread: padding, spatial positions), ``wait-load`` (the calling
+        thread waiting for the loader), ``forward`` (a device thread: the compiled forward pass and
+        its copy back; on a CPU two may overlap), ``wait-write`` (the calling thread waiting for the
+        previous group's write),
         ``write`` (writer thread: a group concatenated, compressed and stored), ``record`` (writer
         thread: the group's record, e.g. the progress file), ``loop`` (from ``start`` to the last
         group recorded and the writer stopped).
