@@ -39,8 +39,9 @@ def _ram_mb() -> int | None:
 # memory (TensorFlow's default, 64 GB, would refuse more on larger machines); past it an allocation
 # fails with TensorFlow's ResourceExhaustedError, which the auto batch sizes back off from.
 TF_ENV = {"TF_ENABLE_ONEDNN_OPTS": "0", "TF_CPP_MIN_LOG_LEVEL": "3", "TF_CPU_ALLOCATOR_USE_BFC": "1"}
-if _ram_mb():
-    TF_ENV["TF_CPU_BFC_MEM_LIMIT_IN_MB"] = str(_ram_mb())
+_RAM_MB = _ram_mb()
+if _RAM_MB:
+    TF_ENV["TF_CPU_BFC_MEM_LIMIT_IN_MB"] = str(_RAM_MB)
 
 
 def set_env() -> None:

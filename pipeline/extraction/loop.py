@@ -127,18 +127,13 @@ class BatchRunner:
     inflight : int
         Batches :func:`stream_groups` runs through ``forward`` at once once it is traced (see
         :func:`pipeline.extraction.plan.inflight`).
-
-    Attributes
-    ----------
-    calls : int
-        Forward passes completed.
     """
 
     def __init__(self, forward, batch_size, positions=None, position_keys=(), thumbnails_as_is=False,
                  inflight=1):
         self.forward, self.batch_size = forward, batch_size
         self.positions, self.position_keys = positions, list(position_keys)
-        self.thumbnails_as_is, self.inflight, self.calls = thumbnails_as_is, inflight, 0
+        self.thumbnails_as_is, self.inflight = thumbnails_as_is, inflight
 
     def prepare(self, pixels, start, n):
         """Host work for the batch of rows ``start...``: ``(padded pixels, positions, valid, host arrays)``."""
@@ -156,7 +151,6 @@ class BatchRunner:
         pixels, positions, valid, host = prepared
         arrays, bad = self.forward(pixels, positions, valid)
         arrays.update(host)
-        self.calls += 1
         return arrays, bad
 
     def __call__(self, pixels, start, n):
@@ -346,10 +340,11 @@ def stream_groups(run_batch, load, groups, todo, n, batch_size, writer, advance=
             _emit("forward", t0, item[2] - item[1], item[0])
         return result
 
-    parts, bad_total = {}, {}
+    parts, bad_total, collected = {}, {}, 0
 
     def collect(item, result):  # in this thread, in batch order
-        nonlocal parts, bad_total
+        nonlocal parts, bad_total, collected
+        collected += 1
         (g, start, stop), (arrays, bad) = item, result
         for key, value in arrays.items():
             parts.setdefault(key, []).append(value)
@@ -361,7 +356,7 @@ def stream_groups(run_batch, load, groups, todo, n, batch_size, writer, advance=
             writer.submit(g, groups[g][0], parts, bad_total)
             parts, bad_total = {}, {}
 
-    inflight = max(1, int(getattr(run_batch, "inflight", 1)))
+    inflight = run_batch.inflight
     device = ThreadPoolExecutor(inflight, thread_name_prefix="extract-device")
     running = deque()
     try:
@@ -373,8 +368,9 @@ def stream_groups(run_batch, load, groups, todo, n, batch_size, writer, advance=
                 if t0:
                     _emit("wait-load", t0, item[2] - item[1], item[0])
                 running.append((item, device.submit(forward, item, prepared)))
-                # The first batch alone: its call traces the graph (and may fall back from XLA).
-                while running and (len(running) >= inflight or not _traced(run_batch)):
+                # Each loop's first batch alone: on a new runner its call traces the graph (and may
+                # fall back from XLA), which concurrent first calls would do twice.
+                while running and (len(running) >= inflight or not collected):
                     head, future = running.popleft()
                     collect(head, future.result())
                 t0 = _clock()
@@ -387,7 +383,3 @@ def stream_groups(run_batch, load, groups, todo, n, batch_size, writer, advance=
     if begun:
         _emit("loop", begun)
 
-
-def _traced(run_batch):
-    """Has ``run_batch`` completed a call (so its compiled graph exists and concurrent calls reuse it)?"""
-    return getattr(run_batch, "calls", 1) > 0
