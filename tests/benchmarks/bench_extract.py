@@ -172,7 +172,7 @@ class Probe:
         return {
             "rate": images / seconds, "seconds": seconds, "cpu_per_img": (loop.cpu - first.cpu) / images,
             "batches": len(fwd), "first_call_s": first.end - loop.start, "loop_s": loop.end - loop.start,
-            "fwd_s": sum(fwd), "fwd_median_s": statistics.median(fwd) if fwd else 0.0,
+            "fwd_median_s": statistics.median(fwd) if fwd else 0.0,
             "write_s": total("write"), "n_write": len(self.steps("write", after=first.end)),
             "record_s": total("record"), "load_s": total("load"), "prepare_s": total("prepare"),
             "wait_load_s": total("wait-load"), "wait_write_s": total("wait-write"),
