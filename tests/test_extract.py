@@ -1,6 +1,7 @@
 """The extract stage on the model shapes users bring, in every file format they save."""
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -265,6 +266,23 @@ def test_the_writer_compresses_at_the_lowest_priority_and_the_device_thread_keep
     np.testing.assert_array_equal(root["x"][:4], 1)
 
 
+def test_a_groups_largest_arrays_are_written_first(tmp_path):
+    """The longest write starts first, so it does not run alone at the end of the group."""
+    import zarr
+
+    from pipeline.extraction.loop import ChunkWriter
+
+    started = []
+    writer = ChunkWriter(zarr.open_group(str(tmp_path / "a.zarr"), mode="w"), lambda group, bad: None, n=4, rows=4)
+    sizes = {"small": 2, "thumbnails": 300, "medium": 40, "tiny": 1}
+    writer.puts = {key: (lambda start, value, key=key: started.append(key)) for key in sizes}
+    writer.stores.shutdown()
+    writer.stores = ThreadPoolExecutor(1)  # one store thread: the start order is the order of submission
+    writer.submit(0, 0, {key: [np.zeros((4, width), np.float32)] for key, width in sizes.items()}, {})
+    writer.close()
+    assert started == ["thumbnails", "medium", "small", "tiny"]
+
+
 @pytest.mark.parametrize("shape,split,large", [((3, 28, 28, 128), True, False), ((3, 56, 56, 24), True, False),
                                                ((3, 7, 7, 2048), False, False), ((3, 112, 112, 8), False, True),
                                                ((2, 60, 57, 3), False, True), ((3, 16, 16, 64), False, False),
@@ -300,10 +318,12 @@ def test_large_maps_of_unknown_batch_and_channels_reduce_inside_a_graph():
     np.testing.assert_array_equal(top, y.max(axis=(1, 2)))
 
 
-@pytest.mark.parametrize("dtype,row_shape", [("float32", (7,)), ("float16", (3, 5)), ("uint8", (4, 4, 3)),
-                                             ("int32", (2, 2))])
-def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_shape):
-    """The writer's direct chunk files equal zarr's own, whole chunks and the padded last one."""
+@pytest.mark.parametrize("key,dtype,row_shape", [("layer/mean", "float32", (7,)), ("layer/mean", "float16", (3, 5)),
+                                                 ("layer/mean", "uint8", (4, 4, 3)), ("layer/mean", "int32", (2, 2)),
+                                                 ("thumbnails", "uint8", (4, 4, 3)), ("thumbnails", "float32", (7,))])
+def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, key, dtype, row_shape):
+    """The writer's direct chunk files equal zarr's own, whole chunks and the padded last one,
+    compressed (activations) or not (thumbnails)."""
     import zarr
 
     from pipeline.storage.arrays import chunk_files, create_array
@@ -313,7 +333,7 @@ def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_
     stores = {}
     for how in ("zarr", "direct"):
         root = zarr.open_group(str(tmp_path / how), mode="w")
-        array = create_array(root, "layer/mean", (n, *row_shape), rows, dtype)
+        array = create_array(root, key, (n, *row_shape), rows, dtype)
         if how == "zarr":
             for start in range(0, n, rows):
                 array.with_config({"write_empty_chunks": True})[start:start + rows] = value[start:start + rows]
@@ -322,12 +342,13 @@ def test_chunks_written_directly_are_the_bytes_zarr_writes(tmp_path, dtype, row_
             put(0, value[:8])
             put(8, value[8:])
         stores[how] = root
-    files = sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr" / "layer" / "mean").rglob("*")
-                   if p.is_file())
+    files = sorted(p.relative_to(tmp_path / "zarr") for p in (tmp_path / "zarr" / key).rglob("*") if p.is_file())
     assert len(files) == 4  # zarr.json and three chunks
     for f in files:
         assert (tmp_path / "direct" / f).read_bytes() == (tmp_path / "zarr" / f).read_bytes(), f
-    assert np.array_equal(stores["direct"]["layer/mean"][:], value)
+    first = (tmp_path / "direct" / key / "c").joinpath(*["0"] * value.ndim).read_bytes()
+    assert (first == value[:rows].tobytes()) == (key == "thumbnails")  # thumbnails: the raw bytes
+    assert np.array_equal(stores["direct"][key][:], value)
     assert not list((tmp_path / "direct").rglob("*.partial"))
 
 

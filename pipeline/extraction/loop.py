@@ -259,8 +259,10 @@ class ChunkWriter:
     def _write(self, group, start, parts, bad):
         t0 = _clock()
         values = {key: pieces[0] if len(pieces) == 1 else np.concatenate(pieces) for key, pieces in parts.items()}
-        puts = [self._put(key, value) for key, value in values.items()]  # creation stays sequential
-        list(self.stores.map(lambda put, value: put(start, value), puts, values.values()))  # re-raises the first error
+        puts = {key: self._put(key, value) for key, value in values.items()}  # creation stays sequential
+        # The largest array first: its write is the longest job and sets when the group is done.
+        order = sorted(values, key=lambda key: values[key].nbytes, reverse=True)
+        list(self.stores.map(lambda key: puts[key](start, values[key]), order))  # re-raises the first error
         rows = len(next(iter(values.values()))) if values else 0
         if t0:
             _emit("write", t0, rows, group)

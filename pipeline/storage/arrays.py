@@ -10,6 +10,7 @@ from pipeline.storage.catalog import path
 
 ZARR = path("activations")
 RESERVED = ("logits", "thumbnails")
+UNCOMPRESSED = ("thumbnails",)  # see create_array
 
 
 def layer_path(layer: str) -> str:
@@ -87,15 +88,20 @@ def chunker(arrays, rows=4096):
 def create_array(root, key, shape, rows, dtype):
     """Create ``root[key]`` of ``shape`` in chunks of ``rows`` rows, the way every extracted array is stored.
 
-    Zstandard level 1, not zarr's default level 3: on real activations and thumbnails it keeps
-    all but 1-2 % of the compression (ratios 1.16 vs 1.18 on ResNet50 activations, 1.38 vs 1.38
-    on MobileNetV2 thumbnails) at 1.15-3x the speed, and on a CPU compression takes its time
-    from the forward pass.
+    Zstandard level 1, not zarr's default level 3: on real activations it keeps all but 1-2 % of
+    the compression (ratios 1.16 vs 1.18 on ResNet50 activations) at 1.15-3x the speed, and on a
+    CPU compression takes its time from the forward pass.
+
+    ``thumbnails`` (:data:`UNCOMPRESSED`) are stored as they are: on photographs zstd saved 6 % of
+    their size (ratio 1.06 at level 1, 1.03 at level -1, over 1024 64x64 crops of five photos) for
+    24 ms of CPU per 1024 thumbnails, the longest single job of a chunk group's write. Synthetic or
+    flat images compress better (1.3 on the demo's), but their thumbnails are small either way.
     """
     import zarr
 
+    compressors = None if key in UNCOMPRESSED else zarr.codecs.ZstdCodec(level=1)
     return root.create_array(key, shape=shape, chunks=(rows, *shape[1:]), dtype=dtype, fill_value=0,
-                             compressors=zarr.codecs.ZstdCodec(level=1))
+                             compressors=compressors)
 
 
 def ensure_array(root, key, n, row_shape, rows, dtype):
@@ -122,8 +128,8 @@ def chunk_files(array):
     and on to its codec threads: about 2.6 ms of CPU per chunk beyond the compression itself
     (0.3 ms for a 256 KB chunk), ~30 ms per chunk group of the benchmark's 16 arrays, taken from
     the forward pass on a 2-core machine. For the layout every extracted array has (a local
-    store, zarr format 3, one regular chunk grid, the bytes codec little-endian then zstd without
-    checksum) ``put`` writes the very bytes zarr would (an edge chunk padded with the fill value,
+    store, zarr format 3, one regular chunk grid, the bytes codec little-endian, then zstd without
+    checksum or nothing) ``put`` writes the very bytes zarr would (an edge chunk padded with the fill value,
     each file written to a temporary name and renamed, as zarr's local store does) in the calling
     thread; ``tests/test_extract.py`` compares them with zarr's own. Any other layout: ``None``,
     and the caller writes through zarr.
@@ -142,16 +148,17 @@ def chunk_files(array):
     try:
         meta, where = array.metadata, array.store_path
         codecs, chunk = tuple(meta.codecs), tuple(meta.chunk_grid.chunk_shape)
-        plain = (meta.zarr_format == 3 and isinstance(where.store, LocalStore) and len(codecs) == 2
+        compressor = codecs[1:]
+        plain = (meta.zarr_format == 3 and isinstance(where.store, LocalStore) and len(codecs) in (1, 2)
                  and isinstance(codecs[0], BytesCodec) and getattr(codecs[0].endian, "value", "little") == "little"
-                 and isinstance(codecs[1], ZstdCodec) and not codecs[1].checksum
+                 and all(isinstance(c, ZstdCodec) and not c.checksum for c in compressor)
                  and chunk[1:] == tuple(array.shape[1:]))
     except (AttributeError, TypeError):
         return None
     if not plain:
         return None
     folder = Path(where.store.root) / where.path
-    zstd = numcodecs.Zstd(level=codecs[1].level)
+    encode = numcodecs.Zstd(level=compressor[0].level).encode if compressor else memoryview
     dtype = np.dtype(array.dtype).newbyteorder("<")
     fill, rows = meta.fill_value, chunk[0]
 
@@ -168,7 +175,7 @@ def chunk_files(array):
             path.parent.mkdir(parents=True, exist_ok=True)
             temp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
             try:
-                temp.write_bytes(zstd.encode(block))
+                temp.write_bytes(encode(block))
                 os.replace(temp, path)
             except BaseException:
                 temp.unlink(missing_ok=True)
