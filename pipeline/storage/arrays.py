@@ -129,9 +129,9 @@ def chunk_files(array):
     (0.3 ms for a 256 KB chunk), ~30 ms per chunk group of the benchmark's 16 arrays, taken from
     the forward pass on a 2-core machine. For the layout every extracted array has (a local
     store, zarr format 3, one regular chunk grid, the bytes codec little-endian, then zstd without
-    checksum or nothing) ``put`` writes the very bytes zarr would (an edge chunk padded with the fill value,
-    each file written to a temporary name and renamed, as zarr's local store does) in the calling
-    thread; ``tests/test_extract.py`` compares them with zarr's own. Any other layout: ``None``,
+    checksum or no compressor) ``put`` writes the very bytes zarr would (an edge chunk padded with
+    the fill value, each file written to a temporary name and renamed, as zarr's local store does)
+    in the calling thread; ``tests/test_extract.py`` compares them with zarr's own. Any other layout: ``None``,
     and the caller writes through zarr.
 
     ``put`` takes rows starting at a chunk boundary, covering whole chunks (the last one may end
